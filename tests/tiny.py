@@ -1,0 +1,31 @@
+"""Tiny configurations for tests: distinct, non-power-of-two sizes so swapped dimensions fail."""
+
+from sce_hf import SCEConfig
+
+
+TINY_HEADS = dict(
+    projector_hidden_size=24,
+    projector_output_size=10,
+    projector_num_layers=3,
+    predictor_hidden_size=28,
+    predictor_num_layers=2,
+    queue_size=36,
+)
+
+TINY_BACKBONES = {
+    "resnet": dict(model_type="resnet", layer_type="basic", depths=[1, 1], hidden_sizes=[12, 20], embedding_size=8),
+    "convnext": dict(model_type="convnext", depths=[1, 1], hidden_sizes=[12, 20], patch_size=2, num_stages=2),
+    "vit": dict(
+        model_type="vit", hidden_size=20, num_hidden_layers=1, num_attention_heads=2, intermediate_size=28,
+        image_size=16, patch_size=4,
+    ),
+}
+
+
+def tiny_config(backbone: str = "resnet", **overrides) -> SCEConfig:
+    """An SCE config whose trunk has a few thousand parameters and takes 16 px images."""
+    values = dict(TINY_HEADS, backbone_config=dict(TINY_BACKBONES[backbone]))
+    if backbone == "resnet":
+        values["small_input_stem"] = True
+    values.update(overrides)
+    return SCEConfig(**values)
