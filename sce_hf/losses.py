@@ -39,8 +39,9 @@ def _check_temperature(name: str, value: float) -> None:
 
 
 def _upcast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Half and bfloat16 go to float32; float32 and float64 stay as they are."""
-    return [t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+    """One common dtype for all inputs: float64 if any input is float64, else float32 (half and bfloat16 upcast)."""
+    dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [t.to(dtype) if t is not None else None for t in tensors]
 
 
 def _candidate_similarities(
@@ -90,8 +91,8 @@ def _candidate_similarities(
         positive_index = torch.zeros(batch_size, dtype=torch.long, device=query.device)
     if student_sim.shape[1] < 2:
         raise ValueError(
-            "SCE needs candidates besides the positive, but there is only one key in the batch and no queue: "
-            "use a larger batch, more processes or a queue."
+            "SCE needs candidates besides the positive, but the queue is empty or absent and the batch holds a "
+            "single key: pass a non-empty `queue`, or use `in_batch_keys=True` with a larger batch."
         )
     return student_sim, teacher_sim, positive_index
 

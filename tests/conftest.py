@@ -14,7 +14,6 @@ os.environ.update(
     GRADIO_TEMP_DIR=os.path.join(_SESSION_TMP, "gradio"),
     TOKENIZERS_PARALLELISM="false",
 )
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
 
 import pytest  # noqa: E402
 
