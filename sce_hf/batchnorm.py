@@ -39,14 +39,17 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
                 f"SplitBatchNorm with {self.num_groups} groups needs a batch size divisible by {self.num_groups}, "
                 f"got {input.shape[0]}."
             )
+        momentum = self.momentum
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm does
+                momentum = 1.0 / float(self.num_batches_tracked)
         outputs, means, variances = [], [], []
         for chunk in input.chunk(self.num_groups):
             running_mean = self.running_mean.clone() if self.running_mean is not None else None
             running_var = self.running_var.clone() if self.running_var is not None else None
             outputs.append(
-                F.batch_norm(chunk, running_mean, running_var, self.weight, self.bias, True, self.momentum or 0.1, self.eps)
+                F.batch_norm(chunk, running_mean, running_var, self.weight, self.bias, True, momentum or 0.0, self.eps)
             )
             means.append(running_mean)
             variances.append(running_var)
@@ -69,8 +72,10 @@ def convert_to_split_batchnorm(module: nn.Module, num_groups: int) -> nn.Module:
             momentum=module.momentum,
             affine=module.affine,
             track_running_stats=module.track_running_stats,
-            device=module.weight.device if module.affine else None,
         )
+        reference = module.weight if module.affine else module.running_mean
+        if reference is not None:
+            split = split.to(device=reference.device, dtype=reference.dtype)
         split.load_state_dict(module.state_dict())
         split.train(module.training)
         return split

@@ -205,3 +205,18 @@ def test_save_load__encoder_folder_starts_the_teacher_as_the_student(tmp_path):
     model = SCEForPreTraining.from_pretrained(tmp_path)
     for s, t in zip(model.sce.parameters(), model.teacher_encoder.parameters()):
         assert torch.equal(s, t)
+
+
+def test_split_batchnorm__keeps_dtype_and_momentum_semantics():
+    plain = torch.nn.BatchNorm1d(3, momentum=None).double()
+    split = convert_to_split_batchnorm(torch.nn.Sequential(plain), 2)[0]
+    assert split.weight.dtype == torch.float64 and split.running_mean.dtype == torch.float64
+    x = torch.randn(8, 3, dtype=torch.float64) * 3 + 2
+    split(x)
+    halves = [torch.nn.BatchNorm1d(3, momentum=None).double() for _ in range(2)]
+    for half, chunk in zip(halves, x.chunk(2)):
+        half(chunk)
+    torch.testing.assert_close(split.running_mean, (halves[0].running_mean + halves[1].running_mean) / 2)
+    frozen = convert_to_split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3, momentum=0.0)), 2)[0]
+    frozen(x.float())
+    assert torch.equal(frozen.running_mean, torch.zeros(3))

@@ -1,0 +1,522 @@
+#!/usr/bin/env python
+"""Pretrain an SCE encoder on any image dataset with Accelerate.
+
+One process (CPU or one GPU):
+    python training/pretrain.py --config training/configs/fashion-mnist-cpu.yaml --output_dir outputs/fmnist
+
+8 GPUs on one machine:
+    accelerate launch --multi_gpu --num_processes 8 training/pretrain.py \
+        --config training/configs/imagenet1k-100ep.yaml --dataset_name ILSVRC/imagenet-1k --output_dir outputs/in1k
+
+2 nodes x 8 GPUs (run on each node, with its --machine_rank):
+    accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank RANK \
+        --main_process_ip HOST --main_process_port 29500 training/pretrain.py --config ... --output_dir ...
+
+Two CPU processes (gloo), for testing:
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no training/pretrain.py ...
+
+The output folder gets the exported encoder (loads with `AutoModel`), `pretraining/` (heads, teacher, queue),
+`checkpoints/step_N/` (full training state, for `--resume_from_checkpoint`) and `eval_results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+import sce_hf
+from sce_hf import SCEConfig, SCEForPreTraining, SCEImageProcessor
+from sce_hf.augmentations import RECIPE_NAMES, SCEAugmentation, get_recipe
+from sce_hf.cli import add_config_arg, add_data_args, add_hub_args, parse_args_with_config
+from sce_hf.configuration_sce import PRESETS
+from sce_hf.data import EpochBatchSampler, StreamViews, ViewsDataset, collate_views, load_image_dataset, resolve_column
+from sce_hf.evaluation import extract_features, knn_accuracy, processor_transform
+from sce_hf.hub import PushError, add_eval_result, export_pretrained, push_to_hub
+from sce_hf.optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
+
+
+logger = logging.getLogger("pretrain")
+STATE_FILE = "sce_training_state.json"
+LABEL_COLUMN_FALLBACKS = ("label", "labels", "fine_label")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Pretrain an SCE encoder (Similarity Contrastive Estimation).")
+    add_config_arg(parser)
+    add_data_args(parser)
+    add_hub_args(parser)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", choices=PRESETS, default="resnet50", help="Encoder and head sizes (SCE_SPEC §2.1).")
+    model.add_argument("--backbone_config", type=json.loads, default=None,
+                       help='JSON dict merged into the preset\'s trunk config, e.g. \'{"hidden_sizes": [16, 32, 64, 128]}\'.')
+    model.add_argument("--model_name_or_path", type=str, default=None,
+                       help="Start from an exported encoder or a pretraining folder instead of random weights.")
+    for name, kind in [
+        ("projector_hidden_size", int), ("projector_output_size", int), ("predictor_hidden_size", int),
+        ("predictor_num_layers", int), ("queue_size", int), ("coeff", float), ("student_temperature", float),
+        ("teacher_temperature", float), ("initial_momentum", float), ("final_momentum", float),
+        ("split_batchnorm_groups", int),
+    ]:
+        model.add_argument(f"--{name}", type=kind, default=None, help=f"Override the preset's `{name}` (SCEConfig).")
+    model.add_argument("--momentum_schedule", choices=["cosine", "constant"], default=None, help="Teacher momentum schedule.")
+    for name in ("symmetric", "in_batch_keys", "exact_self_exclusion", "shuffle_teacher_batch"):
+        model.add_argument(f"--{name}", type=_bool, default=None, help=f"Override the preset's `{name}` (true/false).")
+
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument("--augmentation", choices=RECIPE_NAMES, default="imagenet", help="View recipe (SCE_SPEC §3).")
+    aug.add_argument("--crop_size", type=int, default=None, help="Override every view's crop size.")
+    aug.add_argument("--crop_min_scale", type=float, default=None, help="Override the lower bound of every view's crop scale.")
+    aug.add_argument("--crop_on_device", type=_bool, default=None,
+                     help="Crop on the training device (images of one size) instead of CPU workers (default: auto).")
+    aug.add_argument("--processor_preset", choices=["imagenet", "cifar10", "fashion-mnist"], default="imagenet",
+                     help="The evaluation preprocessing exported with the model.")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="lars")
+    opt.add_argument("--base_learning_rate", type=float, default=0.3, help="lr = base_lr x global batch / 256.")
+    opt.add_argument("--weight_decay", type=float, default=1e-6)
+    opt.add_argument("--sgd_momentum", type=float, default=0.9, help="Momentum of LARS and SGD.")
+    opt.add_argument("--warmup_epochs", type=float, default=10)
+    opt.add_argument("--num_train_epochs", type=int, default=100)
+    opt.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
+    opt.add_argument("--per_device_train_batch_size", type=int, default=256)
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                     help="Overrides the launcher's setting (default: the recipe's, else bf16 on CPUs that have it).")
+    opt.add_argument("--channels_last", action="store_true", help="Use the channels-last memory format.")
+    opt.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor).")
+    opt.add_argument("--dataloader_num_workers", type=int, default=2)
+    opt.add_argument("--seed", type=int, default=42)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", type=str, required=False, default=None, help="Where everything is written.")
+    run.add_argument("--checkpointing_steps", type=str, default=None, help="Save the training state every N steps, or 'epoch'.")
+    run.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
+    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    run.add_argument("--max_bad_image_fraction", type=float, default=0.01,
+                     help="Stop when more than this fraction of the images read so far could not be decoded.")
+    run.add_argument("--with_tracking", action="store_true", help="Log metrics to the trackers of --report_to.")
+    run.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb or all.")
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--eval_every", type=int, default=0, help="Online k-NN top-1 every N epochs (needs --eval_split).")
+    run.add_argument("--knn_k", type=int, default=20)
+    run.add_argument("--knn_temperature", type=float, default=0.07)
+    run.add_argument("--max_knn_bank_samples", type=int, default=10000,
+                     help="Training images in the online k-NN bank (the final evaluation uses them all).")
+    run.add_argument("--final_knn", type=_bool, default=True, help="k-NN top-1 on --eval_split after training.")
+    args = parse_args_with_config(parser, argv)
+
+    if args.output_dir is None:
+        parser.error("--output_dir is required.")
+    if args.dataset_name is None and args.train_dir is None:
+        parser.error("Give a data source: --dataset_name NAME_OR_PATH or --train_dir FOLDER.")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a stream has no known length).")
+    if args.push_to_hub and args.hub_model_id is None:
+        parser.error("--push_to_hub needs --hub_model_id ORG/NAME.")
+    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
+        parser.error(f"--checkpointing_steps must be an integer or 'epoch', got {args.checkpointing_steps!r}.")
+    return args
+
+
+def _bool(value: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+@dataclass
+class TrainingState:
+    """Everything besides model, optimizer and RNG that an exact resume needs; saved as JSON in each checkpoint."""
+
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed by each process
+    num_bad_images: int = 0
+    num_seen_images: int = 0
+    max_train_steps: int = 0
+    steps_per_epoch: int = 0
+    global_batch_size: int = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+_MODEL_FLAGS = (
+    "projector_hidden_size", "projector_output_size", "predictor_hidden_size", "predictor_num_layers", "queue_size",
+    "coeff", "student_temperature", "teacher_temperature", "initial_momentum", "final_momentum",
+    "split_batchnorm_groups", "momentum_schedule", "symmetric", "in_batch_keys", "exact_self_exclusion",
+    "shuffle_teacher_batch",
+)
+
+
+def model_overrides(args) -> dict:
+    """The SCEConfig fields given on the command line or in the recipe."""
+    return {name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name) is not None}
+
+
+def build_config(args) -> SCEConfig:
+    overrides = model_overrides(args)
+    if args.backbone_config is not None:
+        preset_backbone = SCEConfig.from_preset(args.preset).backbone_config.to_dict()
+        overrides["backbone_config"] = {**preset_backbone, **args.backbone_config}
+    if args.augmentation == "imagenet-multicrop":
+        overrides.setdefault("num_global_views", 2)
+    try:
+        return SCEConfig.from_preset(args.preset, **overrides)
+    except ValueError as error:
+        raise SystemExit(f"error: invalid model settings: {error}") from None
+
+
+def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `output_dir/checkpoints` as (completed steps, path), oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        state = os.path.join(path, STATE_FILE)
+        if name.startswith(".") or not os.path.isfile(state):
+            continue
+        with open(state) as handle:
+            found.append((json.load(handle)["completed_steps"], path))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator: Accelerator, args, state: TrainingState, name: str) -> str:
+    """`accelerator.save_state` into a temporary folder, renamed when complete: a crash never leaves a
+    checkpoint that resume would pick. Older ones beyond `--checkpoints_total_limit` are deleted."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w") as handle:
+            json.dump(asdict(state), handle, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit:
+            for _, old in checkpoint_dirs(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume_path(args) -> str | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        if not found:
+            logger.info("No complete checkpoint in %s/checkpoints: starting from scratch.", args.output_dir)
+            return None
+        return found[-1][1]
+    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, STATE_FILE)):
+        raise SystemExit(f"error: {args.resume_from_checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
+    return args.resume_from_checkpoint
+
+
+def default_mixed_precision(args) -> str:
+    if args.mixed_precision is not None:
+        return args.mixed_precision
+    if not torch.cuda.is_available():
+        return "bf16" if _cpu_has_bf16() else "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def processor_for(args) -> SCEImageProcessor:
+    processor = SCEImageProcessor.from_preset(args.processor_preset)
+    if args.crop_size is not None:
+        crop = args.crop_size
+        shortest = crop if args.processor_preset != "imagenet" else int(round(crop / 0.875))
+        processor = SCEImageProcessor.from_preset(
+            args.processor_preset, size={"shortest_edge": shortest}, crop_size={"height": crop, "width": crop}
+        )
+    return processor
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=default_mixed_precision(args),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dynamo_backend="inductor" if args.torch_compile else None,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---------------------------------------------------------------- data
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.streaming, args.cache_dir)
+    image_column = resolve_column(dataset, args.image_column_name, ("image", "img"), "image")
+    if args.max_train_samples is not None:
+        dataset = dataset.take(args.max_train_samples) if args.streaming else dataset.select(range(min(args.max_train_samples, len(dataset))))
+    overrides = {}
+    if args.crop_size is not None:
+        overrides["crop_size"] = args.crop_size
+    views = get_recipe(args.augmentation, **overrides)
+    if args.crop_min_scale is not None:
+        views = [type(v)(**{**asdict(v), "crop_scale": (args.crop_min_scale, v.crop_scale[1])}) for v in views]
+    crop_on_device = args.crop_on_device if args.crop_on_device is not None else len({v.crop_size for v in views}) == 1 and not args.train_dir
+    augment = SCEAugmentation(views)
+
+    num_processes, batch_size = accelerator.num_processes, args.per_device_train_batch_size
+    global_batch = batch_size * num_processes * args.gradient_accumulation_steps
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=num_processes)
+        steps_per_epoch = args.max_train_steps
+    else:
+        micro_batches = len(dataset) // (batch_size * num_processes)
+        steps_per_epoch = micro_batches // args.gradient_accumulation_steps
+        if steps_per_epoch < 1:
+            raise SystemExit(
+                f"error: {len(dataset)} images make no optimizer step of {global_batch} images "
+                f"({batch_size} per device x {num_processes} processes x {args.gradient_accumulation_steps} accumulation)."
+            )
+    max_train_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    # ---------------------------------------------------------------- model and optimizer
+    if args.model_name_or_path:  # the folder's architecture, with the SCE settings given on the command line
+        model = SCEForPreTraining.from_pretrained(args.model_name_or_path, **model_overrides(args))
+    else:
+        model = SCEForPreTraining(build_config(args))
+    if accelerator.distributed_type == DistributedType.MULTI_GPU:
+        model = model.convert_sync_batchnorm()
+    elif num_processes > 1:
+        logger.warning("SyncBatchNorm needs GPUs: each of the %d CPU processes keeps its own batch-norm statistics.", num_processes)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    peak_lr = args.base_learning_rate * global_batch / 256
+    optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay, args.sgd_momentum)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sce_model: SCEForPreTraining = accelerator.unwrap_model(model)
+    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+
+    # ---------------------------------------------------------------- resume
+    state = TrainingState(max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch)
+    resume_path = resolve_resume_path(args)
+    if resume_path is not None:
+        with open(os.path.join(resume_path, STATE_FILE)) as handle:
+            saved = TrainingState(**json.load(handle))
+        mismatched = [
+            f"{name}: checkpoint {getattr(saved, name)}, now {getattr(state, name)}"
+            for name in ("max_train_steps", "steps_per_epoch", "global_batch_size")
+            if getattr(saved, name) != getattr(state, name)
+        ]
+        if mismatched:
+            raise SystemExit(
+                f"error: cannot resume from {resume_path} with a different schedule ({'; '.join(mismatched)}). "
+                "Resume with the same epochs, batch size, processes and data, or start a new --output_dir."
+            )
+        accelerator.load_state(resume_path)
+        state = saved
+        logger.info("Resumed from %s at step %d (epoch %d, batch %d)", resume_path, state.completed_steps, state.epoch, state.batches_in_epoch)
+
+    if args.with_tracking:
+        accelerator.init_trackers("sce_pretraining", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    logger.info("***** SCE pretraining *****")
+    logger.info("  Images: %s | per device batch %d | processes %d | accumulation %d | global batch %d",
+                "stream" if args.streaming else len(dataset), batch_size, num_processes, args.gradient_accumulation_steps, global_batch)
+    logger.info("  Optimizer steps: %d (%d per epoch, %d epochs) | peak lr %.4g | mixed precision %s",
+                max_train_steps, steps_per_epoch, num_epochs, peak_lr, accelerator.mixed_precision)
+
+    # ---------------------------------------------------------------- training loop
+    progress = tqdm(total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process, desc="pretraining")
+    pending_keys: list[torch.Tensor] = []
+    window_start, window_images, last_checkpoint = time.perf_counter(), 0, resume_path
+    metrics: dict = {}
+    while state.completed_steps < max_train_steps:
+        loader = _epoch_loader(args, dataset, image_column, views, crop_on_device, state, accelerator)
+        for batch in loader:
+            state.batches_in_epoch += 1
+            state.num_bad_images += _sum_across(accelerator, batch["num_bad"])
+            state.num_seen_images += _sum_across(accelerator, batch["num_seen"])
+            if state.num_bad_images > args.max_bad_image_fraction * max(state.num_seen_images, 100):
+                raise SystemExit(
+                    f"error: {state.num_bad_images} of {state.num_seen_images} images could not be decoded, more than "
+                    f"--max_bad_image_fraction {args.max_bad_image_fraction}: check the data (the log names the bad indices)."
+                )
+            images = batch.get("images") if batch.get("images") is not None else batch["views"]
+            if images is None:
+                continue
+            images = images.to(accelerator.device) if torch.is_tensor(images) else [v.to(accelerator.device) for v in images]
+            pixel_values = augment(images, batch["sample_seeds"])
+            if args.channels_last:
+                pixel_values = [v.contiguous(memory_format=torch.channels_last) for v in pixel_values]
+            with accelerator.accumulate(model):
+                output = model(pixel_values=pixel_values)
+                losses = accelerator.gather(output.loss.detach().reshape(1))
+                if not torch.isfinite(losses).all():
+                    raise NonFiniteLossError(
+                        f"The loss became {losses.tolist()} at step {state.completed_steps} (epoch {state.epoch}). "
+                        f"The last good checkpoint is {last_checkpoint or 'none (no checkpoint was saved)'}. Lower the "
+                        "learning rate, lengthen the warm-up, or train with --mixed_precision no."
+                    )
+                lr = warmup_cosine_lr(state.completed_steps, max_train_steps, warmup_steps, peak_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                accelerator.backward(output.loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                pending_keys.append(output.keys)
+            window_images += batch["sample_seeds"].numel() * num_processes
+            if not accelerator.sync_gradients:
+                continue
+            # One optimizer step is complete: EMA of the teacher, then the queue (after the loss used it).
+            momentum = sce_model.momentum_at(state.completed_steps, max_train_steps)
+            sce_model.update_teacher(momentum)
+            sce_model.enqueue(torch.cat(pending_keys))
+            pending_keys.clear()
+            state.completed_steps += 1
+            progress.update(1)
+            if state.completed_steps % args.logging_steps == 0 or state.completed_steps == max_train_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": losses.mean().item(), "train/lr": lr, "train/momentum": momentum,
+                    "train/queue_fill": sce_model.queue_fill, "train/images_per_second": window_images / max(elapsed, 1e-9),
+                    "train/epoch": state.epoch,
+                }
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{metrics['train/images_per_second']:.0f}")
+                if args.with_tracking:
+                    accelerator.log(metrics, step=state.completed_steps)
+                window_start, window_images = time.perf_counter(), 0
+            if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
+                last_checkpoint = save_checkpoint(accelerator, args, state, f"step_{state.completed_steps}")
+            if state.completed_steps >= max_train_steps:
+                break
+        else:  # the epoch ended
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if args.checkpointing_steps == "epoch":
+                last_checkpoint = save_checkpoint(accelerator, args, state, f"epoch_{state.epoch}")
+            if args.eval_every and args.eval_split and state.epoch % args.eval_every == 0:
+                top1 = run_knn(args, sce_model.sce, accelerator, max_bank=args.max_knn_bank_samples)
+                if top1 is not None and args.with_tracking:
+                    accelerator.log({"eval/knn_top1": top1}, step=state.completed_steps)
+            continue
+        break
+    progress.close()
+
+    # ---------------------------------------------------------------- export
+    accelerator.wait_for_everyone()
+    results = {"completed_steps": state.completed_steps, "num_bad_images": state.num_bad_images}
+    if accelerator.is_main_process:
+        training_args = {**{k: v for k, v in vars(args).items() if k != "hub_token"}, "global_batch_size": global_batch,
+                         "peak_learning_rate": peak_lr, "max_train_steps": max_train_steps, "num_processes": num_processes,
+                         "mixed_precision": accelerator.mixed_precision, "sce_hf_version": sce_hf.__version__,
+                         "device": str(accelerator.device)}
+        export_pretrained(sce_model, processor_for(args), args.output_dir, training_args)
+        logger.info("Exported the encoder to %s", os.path.abspath(args.output_dir))
+    if args.final_knn and args.eval_split:
+        top1 = run_knn(args, sce_model.sce, accelerator, max_bank=None)
+        results["knn_top1"] = top1
+    if accelerator.is_main_process and args.push_to_hub:
+        try:
+            url = push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                              commit_message="End of training")
+            logger.info("Pushed to %s", url)
+        except PushError as error:
+            raise SystemExit(f"error: {error}") from None
+    if args.with_tracking:
+        accelerator.end_training()
+    return results
+
+
+def _epoch_loader(args, dataset, image_column, views, crop_on_device, state: TrainingState, accelerator):
+    """This process's data loader for the current epoch, starting after the batches already consumed."""
+    batch_size = args.per_device_train_batch_size
+    if args.streaming:
+        stream = StreamViews(dataset, image_column, views, args.seed, state.epoch, state.batches_in_epoch * batch_size, crop_on_device)
+        workers = min(args.dataloader_num_workers, getattr(dataset, "num_shards", 1))
+        return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_views, num_workers=workers)
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, accelerator.num_processes, accelerator.process_index, args.seed, state.epoch,
+        start_batch=state.batches_in_epoch, max_batches=state.steps_per_epoch * args.gradient_accumulation_steps,
+    )
+    return torch.utils.data.DataLoader(
+        ViewsDataset(dataset, image_column, views, args.seed, crop_on_device), batch_sampler=sampler,
+        collate_fn=collate_views, num_workers=args.dataloader_num_workers,
+    )
+
+
+def _sum_across(accelerator: Accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return int(value)
+    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item())
+
+
+def run_knn(args, encoder, accelerator: Accelerator, max_bank: int | None) -> float | None:
+    """Weighted k-NN top-1 of `encoder` on --eval_split with --train_split as the bank (main process only)."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    bank = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, False, args.cache_dir)
+    queries = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.eval_split, False, args.cache_dir)
+    if max_bank is not None and len(bank) > max_bank:
+        bank = bank.shuffle(seed=0).select(range(max_bank))
+    if args.max_eval_samples is not None:
+        queries = queries.select(range(min(args.max_eval_samples, len(queries))))
+    image_column = resolve_column(bank, args.image_column_name, ("image", "img"), "image")
+    label_column = resolve_column(bank, args.label_column_name, LABEL_COLUMN_FALLBACKS, "label")
+    transform = processor_transform(processor_for(args))
+    workers = args.dataloader_num_workers
+    bank_features = extract_features(encoder, bank, transform, image_column, num_workers=workers, description="k-NN bank")
+    query_features = extract_features(encoder, queries, transform, image_column, num_workers=workers, description="k-NN queries")
+    top1 = knn_accuracy(bank_features, torch.tensor(bank[label_column]), query_features, torch.tensor(queries[label_column]),
+                        k=args.knn_k, temperature=args.knn_temperature)
+    logger.info("k-NN top-1 (k=%d, T=%g, %d bank images, %d queries): %.2f%%", args.knn_k, args.knn_temperature,
+                len(bank), len(queries), 100 * top1)
+    if max_bank is None:
+        add_eval_result(args.output_dir, {
+            "task": "knn", "dataset": args.dataset_name or args.train_dir, "split": args.eval_split, "metric": "top1_accuracy",
+            "value": round(100 * top1, 2), "settings": {"k": args.knn_k, "temperature": args.knn_temperature,
+            "bank_split": args.train_split, "bank_size": len(bank), "num_queries": len(queries)},
+        })
+        print(f"k-NN top-1 on {len(queries)} {args.eval_split} images: {100 * top1:.2f}%  |  model: {os.path.abspath(args.output_dir)}")
+    accelerator.wait_for_everyone()
+    return top1
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NonFiniteLossError as error:
+        logger.error("%s", error)
+        sys.exit(1)
