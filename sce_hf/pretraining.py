@@ -2,10 +2,10 @@
 
 One training step (SCE_SPEC §1.5, §1.6, §2):
 
-    out = model(pixel_values=views)             # loss over view pairs; out.keys: this step's gathered keys
+    out = model(pixel_values=views)             # loss over view pairs; out.teacher_keys: this step's gathered keys
     accelerator.backward(out.loss); optimizer.step()
     model.update_teacher(momentum)              # EMA of the student's parameters (explicit, never in forward)
-    model.enqueue(out.keys)                     # FIFO queue, after the loss used its snapshot
+    model.enqueue(out.teacher_keys)                     # FIFO queue, after the loss used its snapshot
 
 `forward` never changes state besides batch-norm statistics: the EMA and the enqueue are calls the training step
 makes, once per optimizer step.
@@ -36,14 +36,14 @@ class SCEPreTrainingOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`): the SCE loss averaged over the view pairs.
-        keys (`torch.FloatTensor` of shape `(num_keys, projector_output_size)`): this step's teacher keys gathered
+        teacher_keys (`torch.FloatTensor` of shape `(num_keys, projector_output_size)`): this step's teacher keys gathered
             from every process (view 0 of all processes, then view 1, ...), to pass to `enqueue` after the
             optimizer step.
         num_pairs (`int`): number of (student view, teacher view) pairs averaged.
     """
 
     loss: torch.FloatTensor | None = None
-    keys: torch.FloatTensor | None = None
+    teacher_keys: torch.FloatTensor | None = None
     num_pairs: int | None = None
 
 
@@ -239,7 +239,7 @@ class SCEForPreTraining(SCEPreTrainedModel):
                 loss_kwargs.update(gathered_keys=gathered[i], positive_offset=_rank() * batch_size)
             losses.append(sce_loss(queries[j], keys[i], queue, **loss_kwargs))
         loss = torch.stack(losses).mean()
-        return SCEPreTrainingOutput(loss=loss, keys=torch.cat([gathered[i] for i in teacher_views]), num_pairs=len(pairs))
+        return SCEPreTrainingOutput(loss=loss, teacher_keys=torch.cat([gathered[i] for i in teacher_views]), num_pairs=len(pairs))
 
     # ----------------------------------------------------------------------------------------------------------
     # State updates, called by the training step once per optimizer step

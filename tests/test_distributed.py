@@ -229,11 +229,11 @@ def _training_step_worker(tmpdir: str, in_batch_keys: bool) -> None:
         out.loss.backward()
         optimizer.step()
         model.update_teacher(MOMENTUM)
-        model.enqueue(out.keys)
+        model.enqueue(out.teacher_keys)
         results["views"].append(views)
         results["loss"].append(out.loss.detach())
         results["loss_mean"].append(_rank_mean(out.loss))
-        results["keys"].append(out.keys)
+        results["keys"].append(out.teacher_keys)
     results["state"] = {name: value.detach().clone() for name, value in model.state_dict().items()}
     _finish(tmpdir, results)
 
@@ -261,10 +261,10 @@ def test_pretraining_step_matches_split_batchnorm_single_process(tmp_path, in_ba
         out.loss.backward()
         optimizer.step()
         model.update_teacher(MOMENTUM)
-        model.enqueue(out.keys)
+        model.enqueue(out.teacher_keys)
         reference["views"].append(views)
         reference["loss"].append(out.loss.detach())
-        reference["keys"].append(out.keys)
+        reference["keys"].append(out.teacher_keys)
     state = model.state_dict()
     parameter_names = {name for name, _ in model.named_parameters()}
     assert any(name.startswith("teacher_") for name in parameter_names)

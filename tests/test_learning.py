@@ -48,7 +48,7 @@ def test_sce_learns_on_real_fashion_mnist(fashion_mnist_dir):
         output.loss.backward()
         optimizer.step()
         model.update_teacher(model.momentum_at(step, max_steps))
-        model.enqueue(output.keys)
+        model.enqueue(output.teacher_keys)
         losses.append(output.loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
 

@@ -149,7 +149,7 @@ def test_pretraining__one_step_on_any_backbone(backbone):
     output.loss.backward()
     optimizer.step()
     model.update_teacher(0.9)
-    model.enqueue(output.keys)
+    model.enqueue(output.teacher_keys)
     assert torch.isfinite(output.loss)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.sce.parameters()))
     assert int(model.queue_ptr) == 8

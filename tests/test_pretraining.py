@@ -45,7 +45,7 @@ def test_queue__the_loss_uses_the_snapshot_before_enqueue():
     torch.manual_seed(0)
     again = model(pixel_values=views)
     assert torch.equal(loss_before, again.loss)  # forward changes no queue state
-    model.enqueue(again.keys)
+    model.enqueue(again.teacher_keys)
     torch.manual_seed(0)
     assert not torch.equal(model(pixel_values=views).loss, loss_before)
 
@@ -82,7 +82,7 @@ def test_teacher__equals_an_ema_recomputed_from_recorded_student_weights():
         optimizer.step()
         momentum = model.momentum_at(step, max_steps)
         model.update_teacher(momentum)
-        model.enqueue(output.keys)
+        model.enqueue(output.teacher_keys)
         current = student()
         expected = {n: momentum * expected[n] + (1 - momentum) * current[n] for n in expected}
     teacher = {
@@ -128,7 +128,7 @@ def test_multicrop__teacher_on_global_crops_only_and_queue_fed_by_both_global_vi
     output = model(pixel_values=_views(6, sizes=[16, 16, 14, 12, 10, 8]))
     assert output.num_pairs == 10
     assert calls == [16, 16]
-    assert output.keys.shape == (2 * 4, 10)  # both global views' keys, view 0 first
+    assert output.teacher_keys.shape == (2 * 4, 10)  # both global views' keys, view 0 first
 
 
 def test_multicrop__loss_is_the_mean_over_pairs():
@@ -183,7 +183,7 @@ def test_save_load__pretraining_folder_round_trip(tmp_path):
     output = model(pixel_values=_views())
     output.loss.backward()
     model.update_teacher(0.5)
-    model.enqueue(output.keys)
+    model.enqueue(output.teacher_keys)
     model.save_pretrained(tmp_path / "pretraining")
     loaded = SCEForPreTraining.from_pretrained(tmp_path / "pretraining")
     for name, tensor in model.state_dict().items():
