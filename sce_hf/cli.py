@@ -16,7 +16,8 @@ def add_data_args(parser: argparse.ArgumentParser, *, gallery: bool = False) -> 
     """Data source, columns, splits and sample limits."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset_name", type=str, default=None,
-                       help="A Hub dataset id, a folder written by `Dataset.save_to_disk`, or `fashion_mnist` "
+                       help="A Hub dataset id, a folder written by `Dataset.save_to_disk`, a parquet/arrow/csv/json "
+                       "file or a folder of parquet files, or `fashion_mnist` "
                        "(read from the Debian package's files when the Hub is unreachable).")
     group.add_argument("--dataset_config_name", type=str, default=None, help="The Hub dataset's configuration.")
     group.add_argument("--train_dir", type=str, default=None,

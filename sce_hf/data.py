@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ FASHION_MNIST_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_COLUMN_FALLBACKS = ("image", "img", "images", "pixel_values")
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,8 +86,10 @@ def load_image_dataset(
     """Load one split of an image dataset.
 
     Args:
-        dataset_name: a Hub id, a folder written by `save_to_disk`, or `fashion_mnist` (the Debian package's files
-            when the Hub is unreachable or offline mode is set).
+        dataset_name: a Hub id, a folder written by `save_to_disk`, a local folder laid out as a Hub dataset
+            (e.g. parquet files), one data file (`.parquet`, `.arrow`, `.csv`, `.json`, `.jsonl`: its rows are the
+            split "train"), or `fashion_mnist` (the Debian package's files when the Hub is unreachable or offline
+            mode is set).
         dataset_config_name: the Hub dataset's configuration.
         train_dir: an image folder (`load_dataset("imagefolder")`; sub-folders become labels).
         split: the split to read.
@@ -103,13 +107,24 @@ def load_image_dataset(
             raise ValueError(f"`--train_dir` {train_dir!r} is not a folder.")
         dataset = datasets.load_dataset("imagefolder", data_dir=train_dir, split="train", streaming=streaming, cache_dir=cache_dir)
     elif os.path.isdir(dataset_name) and _is_saved_dataset(dataset_name):
-        dataset = datasets.load_from_disk(dataset_name)
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"Split {split!r} not in {dataset_name}; its splits are {sorted(dataset)}.")
-            dataset = dataset[split]
+        dataset = _load_saved_split(dataset_name, split)
         if streaming:
             dataset = dataset.to_iterable_dataset()
+    elif os.path.isfile(dataset_name):
+        extension = os.path.splitext(dataset_name)[1].lower()
+        if extension not in DATA_FILE_BUILDERS:
+            raise ValueError(
+                f"`--dataset_name` {dataset_name!r} is a file `datasets` cannot read: give a data file "
+                f"({', '.join(DATA_FILE_BUILDERS)}), a folder of them, a `save_to_disk` folder or a Hub id."
+            )
+        try:
+            dataset = datasets.load_dataset(
+                DATA_FILE_BUILDERS[extension], data_files=dataset_name, split=split, streaming=streaming, cache_dir=cache_dir
+            )
+        except ValueError as error:
+            if "split" in str(error).lower():
+                raise ValueError(f"Split {split!r} not found in {dataset_name}: a single data file holds the split 'train'.") from error
+            raise
     elif dataset_name in FASHION_MNIST_NAMES and (_hub_offline() or not _hub_reachable()):
         logger.info("Reading Fashion-MNIST (%s) from the Debian package's files in %s", split, FASHION_MNIST_DIR)
         dataset = load_fashion_mnist(split)
@@ -133,6 +148,33 @@ def load_image_dataset(
 
 def _is_saved_dataset(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _load_saved_split(path: str, split: str):
+    """`split` of a `save_to_disk` folder (a `DatasetDict`'s split; a `Dataset` whatever `split`), reading only it.
+
+    `datasets.load_from_disk` fails with an IndexError on a saved dataset of 0 rows (it has no data file), and on
+    a `DatasetDict` holding one: check the split's `state.json` first and say what is wrong.
+
+    Raises:
+        ValueError: an unknown split (listing the known ones) or an empty one.
+    """
+    import datasets
+
+    name = path
+    dict_file = os.path.join(path, "dataset_dict.json")
+    if os.path.isfile(dict_file):
+        with open(dict_file) as handle:
+            splits = json.load(handle).get("splits", [])
+        if split not in splits:
+            raise ValueError(f"Split {split!r} not in {path}; its splits are {sorted(splits)}.")
+        path = os.path.join(path, split)
+    state_file = os.path.join(path, "state.json")
+    if os.path.isfile(state_file):
+        with open(state_file) as handle:
+            if not json.load(handle).get("_data_files"):
+                raise ValueError(f"The {split!r} split of {name} is empty: there is nothing to train on.")
+    return datasets.load_from_disk(path)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -269,15 +311,23 @@ def load_sample(value, ref: SampleRef, seed: int, views: Sequence[ViewRecipe], c
 
 def collate_views(samples: list[dict]) -> dict:
     """Stack a batch: `images` uint8 (B, 3, H, W) when all share one size (the device crops), else `views`, a
-    list of V uint8 (B, 3, s_v, s_v); plus `sample_seeds` (B,), `indices` (B,) and `num_bad` (skipped images)."""
+    list of V uint8 (B, 3, s_v, s_v); plus `sample_seeds` (B,), `indices` (B,) and `num_bad` (skipped images).
+
+    Unreadable images are logged, counted in `num_bad` and their slots refilled with repeats of the batch's readable
+    ones, so a batch keeps its size: split batch norm needs a batch divisible by its groups, and processes gather
+    keys of equal batch sizes. A batch with no readable image has `views` None.
+    """
     good = [s for s in samples if "bad" not in s]
+    num_bad = len(samples) - len(good)
     for sample in samples:
         if "bad" in sample:
             logger.warning("Skipping unreadable image at index %d: %s", sample["index"], sample["bad"])
+    if good and num_bad:
+        good += [good[i % len(good)] for i in range(num_bad)]
     batch = {
         "sample_seeds": torch.tensor([s["seed"] for s in good], dtype=torch.int64),
         "indices": torch.tensor([s["index"] for s in good], dtype=torch.int64),
-        "num_bad": len(samples) - len(good),
+        "num_bad": num_bad,
         "num_seen": len(samples),
     }
     if not good:
@@ -345,11 +395,29 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             yield [SampleRef(self.epoch, i) for i in order[start : start + self.batch_size]]
 
 
+def content_index(value) -> int:
+    """A stable 63-bit id of an image value (its bytes, path or pixels), used to seed stream samples."""
+    import hashlib
+
+    if isinstance(value, dict):
+        payload = value.get("bytes") or str(value.get("path")).encode()
+    elif isinstance(value, (bytes, bytearray)):
+        payload = bytes(value)
+    elif isinstance(value, Image.Image):
+        payload = value.tobytes()
+    elif isinstance(value, (str, os.PathLike)):
+        payload = str(value).encode()
+    else:
+        payload = np.ascontiguousarray(value).tobytes()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+
+
 class StreamViews(torch.utils.data.IterableDataset):
     """A stream (already split across processes) as samples; `skip` rows already consumed this epoch are skipped.
 
-    A row's index is its position in this process's stream, so seeds, and the data order after a resume, are
-    exact as long as the stream yields the same rows in the same order for the same epoch.
+    A stream sample is seeded by its content (not its position, which depends on how the stream is sharded across
+    processes), so its augmentations are the same on any number of processes, and a resume that skips the rows
+    already consumed continues exactly, as long as the stream yields the same rows in the same order for an epoch.
     """
 
     def __init__(self, stream, image_column: str, views: Sequence[ViewRecipe], seed: int, epoch: int, skip: int, crop_on_device: bool):
@@ -367,8 +435,9 @@ class StreamViews(torch.utils.data.IterableDataset):
             stream.set_epoch(self.epoch)
         if self.skip:
             stream = stream.skip(self.skip)
-        for position, row in enumerate(stream, start=self.skip):
-            yield load_sample(row[self.image_column], SampleRef(self.epoch, position), self.seed, self.views, self.crop_on_device)
+        for row in stream:
+            value = row[self.image_column]
+            yield load_sample(value, SampleRef(self.epoch, content_index(value)), self.seed, self.views, self.crop_on_device)
 
 
 __all__ = [
@@ -379,6 +448,7 @@ __all__ = [
     "StreamViews",
     "ViewsDataset",
     "collate_views",
+    "content_index",
     "crop_views",
     "decode_image",
     "load_fashion_mnist",

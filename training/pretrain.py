@@ -17,12 +17,16 @@ Two CPU processes (gloo), for testing:
         --mixed_precision no --dynamo_backend no training/pretrain.py ...
 
 The output folder gets the exported encoder (loads with `AutoModel`), `pretraining/` (heads, teacher, queue),
-`checkpoints/step_N/` (full training state, for `--resume_from_checkpoint`) and `eval_results.json`.
+`checkpoints/step_N/` (full training state, for `--resume_from_checkpoint`), `eval_results.json`, and
+`train_log.jsonl`: one JSON object per logged step (`{"step": N, "train/loss": ..., ...}`, every `--logging_steps`
+optimizer steps). A resumed run appends to it, so a step after the last checkpoint of an interrupted run can appear
+twice: the later line is the one the finished run went through.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -39,6 +43,7 @@ from tqdm.auto import tqdm
 
 import sce_hf
 from sce_hf import SCEConfig, SCEForPreTraining, SCEImageProcessor
+from sce_hf.batchnorm import convert_to_split_batchnorm
 from sce_hf.augmentations import RECIPE_NAMES, SCEAugmentation, get_recipe
 from sce_hf.cli import add_config_arg, add_data_args, add_hub_args, parse_args_with_config
 from sce_hf.configuration_sce import PRESETS
@@ -50,6 +55,7 @@ from sce_hf.optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
 
 logger = logging.getLogger("pretrain")
 STATE_FILE = "sce_training_state.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
 LABEL_COLUMN_FALLBACKS = ("label", "labels", "fine_label")
 
 
@@ -72,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("split_batchnorm_groups", int),
     ]:
         model.add_argument(f"--{name}", type=kind, default=None, help=f"Override the preset's `{name}` (SCEConfig).")
+    model.add_argument("--batchnorm_groups", type=int, default=1,
+                       help="Split every batch norm (student and teacher) into N groups of the batch, so one process "
+                       "computes what N processes with per-process batch norm compute (for testing and comparisons).")
     model.add_argument("--momentum_schedule", choices=["cosine", "constant"], default=None, help="Teacher momentum schedule.")
     for name in ("symmetric", "in_batch_keys", "exact_self_exclusion", "shuffle_teacher_batch"):
         model.add_argument(f"--{name}", type=_bool, default=None, help=f"Override the preset's `{name}` (true/false).")
@@ -111,7 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="Stop when more than this fraction of the images read so far could not be decoded.")
     run.add_argument("--with_tracking", action="store_true", help="Log metrics to the trackers of --report_to.")
     run.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb or all.")
-    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--logging_steps", type=int, default=10,
+                     help=f"Log the loss, learning rate and throughput every N optimizer steps (progress bar, trackers, "
+                     f"and one JSON line per logged step in output_dir/{TRAIN_LOG_FILE}).")
     run.add_argument("--eval_every", type=int, default=0, help="Online k-NN top-1 every N epochs (needs --eval_split).")
     run.add_argument("--knn_k", type=int, default=20)
     run.add_argument("--knn_temperature", type=float, default=0.07)
@@ -318,6 +329,17 @@ def main(argv=None) -> dict:
         model = SCEForPreTraining.from_pretrained(args.model_name_or_path, **model_overrides(args))
     else:
         model = SCEForPreTraining(build_config(args))
+    if batch_size < 2:
+        raise SystemExit("error: --per_device_train_batch_size must be at least 2: batch norm needs 2 images in training.")
+    for flag, groups in (("--split_batchnorm_groups", model.config.split_batchnorm_groups), ("--batchnorm_groups", args.batchnorm_groups)):
+        if groups > 1 and (batch_size % groups or batch_size // groups < 2):  # 2 images per group, as plain batch norm
+            raise SystemExit(
+                f"error: {flag} {groups} splits the per-device batch of {batch_size} images into groups of "
+                f"{batch_size / groups:g}: batch norm needs at least 2 images per group. Use a "
+                f"--per_device_train_batch_size that is a multiple of {groups} and at least {2 * groups}, or fewer groups."
+            )
+    if args.batchnorm_groups > 1:
+        convert_to_split_batchnorm(model, args.batchnorm_groups)
     if accelerator.distributed_type == DistributedType.MULTI_GPU:
         model = model.convert_sync_batchnorm()
     elif num_processes > 1:
@@ -364,6 +386,7 @@ def main(argv=None) -> dict:
     window_start, window_images, last_checkpoint = time.perf_counter(), 0, resume_path
     metrics: dict = {}
     while state.completed_steps < max_train_steps:
+        fresh_epoch = state.batches_in_epoch == 0
         loader = _epoch_loader(args, dataset, image_column, views, crop_on_device, state, accelerator)
         for batch in loader:
             state.batches_in_epoch += 1
@@ -386,7 +409,7 @@ def main(argv=None) -> dict:
                 losses = accelerator.gather(output.loss.detach().reshape(1))
                 if not torch.isfinite(losses).all():
                     raise NonFiniteLossError(
-                        f"The loss became {losses.tolist()} at step {state.completed_steps} (epoch {state.epoch}). "
+                        f"The loss became {losses.tolist()} at step {state.completed_steps + 1} (epoch {state.epoch}). "
                         f"The last good checkpoint is {last_checkpoint or 'none (no checkpoint was saved)'}. Lower the "
                         "learning rate, lengthen the warm-up, or train with --mixed_precision no."
                     )
@@ -396,7 +419,7 @@ def main(argv=None) -> dict:
                 accelerator.backward(output.loss)
                 optimizer.step()
                 optimizer.zero_grad()
-                pending_keys.append(output.keys)
+                pending_keys.append(output.teacher_keys)
             window_images += batch["sample_seeds"].numel() * num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -412,17 +435,24 @@ def main(argv=None) -> dict:
                 metrics = {
                     "train/loss": losses.mean().item(), "train/lr": lr, "train/momentum": momentum,
                     "train/queue_fill": sce_model.queue_fill, "train/images_per_second": window_images / max(elapsed, 1e-9),
-                    "train/epoch": state.epoch,
+                    "train/epoch": state.epoch, "train/num_bad_images": state.num_bad_images,
                 }
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{metrics['train/images_per_second']:.0f}")
                 if args.with_tracking:
                     accelerator.log(metrics, step=state.completed_steps)
+                if accelerator.is_main_process:
+                    with open(os.path.join(args.output_dir, TRAIN_LOG_FILE), "a") as handle:
+                        handle.write(json.dumps({"step": state.completed_steps, **metrics}) + "\n")
                 window_start, window_images = time.perf_counter(), 0
             if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
                 last_checkpoint = save_checkpoint(accelerator, args, state, f"step_{state.completed_steps}")
             if state.completed_steps >= max_train_steps:
                 break
         else:  # the epoch ended
+            if fresh_epoch and state.batches_in_epoch == 0:  # an empty stream would loop here for ever
+                raise SystemExit(f"error: epoch {state.epoch} of {args.dataset_name or args.train_dir} yielded no batch: "
+                                 f"the stream is empty or holds fewer than --per_device_train_batch_size {batch_size} "
+                                 "rows per process. Check the data files and --train_split.")
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if args.checkpointing_steps == "epoch":
                 last_checkpoint = save_checkpoint(accelerator, args, state, f"epoch_{state.epoch}")
@@ -460,19 +490,32 @@ def main(argv=None) -> dict:
 
 
 def _epoch_loader(args, dataset, image_column, views, crop_on_device, state: TrainingState, accelerator):
-    """This process's data loader for the current epoch, starting after the batches already consumed."""
+    """This process's data loader for the current epoch, starting after the batches already consumed.
+
+    The loader gets its own generator: by default a `DataLoader` draws its workers' base seed from the global torch
+    RNG each time it starts iterating, and a resumed run starts one mid-epoch where the uninterrupted run did not,
+    which would shift every later draw of the global RNG (the teacher's batch shuffle) and break an exact resume.
+    """
     batch_size = args.per_device_train_batch_size
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + state.epoch)
     if args.streaming:
-        stream = StreamViews(dataset, image_column, views, args.seed, state.epoch, state.batches_in_epoch * batch_size, crop_on_device)
+        # Full batches only, as the map-style sampler: a last batch of 1 image breaks batch norm, and processes
+        # gather keys of equal batch sizes. One reader skips the rows already consumed in the stream itself; several
+        # workers interleave the batches of their shards, so the consumed batches are skipped at the loader's
+        # output instead (read and dropped), which is exact because the loader's order is fixed for a worker count.
         workers = min(args.dataloader_num_workers, getattr(dataset, "num_shards", 1))
-        return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_views, num_workers=workers)
+        skip_rows = state.batches_in_epoch * batch_size if workers <= 1 else 0
+        stream = StreamViews(dataset, image_column, views, args.seed, state.epoch, skip_rows, crop_on_device)
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_views, num_workers=workers,
+                                             drop_last=True, generator=generator)
+        return loader if workers <= 1 else itertools.islice(loader, state.batches_in_epoch, None)
     sampler = EpochBatchSampler(
         len(dataset), batch_size, accelerator.num_processes, accelerator.process_index, args.seed, state.epoch,
         start_batch=state.batches_in_epoch, max_batches=state.steps_per_epoch * args.gradient_accumulation_steps,
     )
     return torch.utils.data.DataLoader(
         ViewsDataset(dataset, image_column, views, args.seed, crop_on_device), batch_sampler=sampler,
-        collate_fn=collate_views, num_workers=args.dataloader_num_workers,
+        collate_fn=collate_views, num_workers=args.dataloader_num_workers, generator=generator,
     )
 
 
