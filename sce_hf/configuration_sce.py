@@ -13,6 +13,7 @@ from transformers import CONFIG_MAPPING, PreTrainedConfig
 
 _POOLING_MODES = ("auto", "mean", "cls")
 _MOMENTUM_SCHEDULES = ("cosine", "constant")
+_LOSS_FUNCTIONS = ("sce", "ressl")
 
 # Head sizes of SCE_SPEC §2.1, per preset. The encoder architecture of each preset is in `_preset_backbone`.
 _PRESET_HEADS: dict[str, dict[str, Any]] = {
@@ -109,6 +110,8 @@ class SCEConfig(PreTrainedConfig):
             Also use the teacher keys of the whole (gathered) batch as candidates (SCE_SPEC §1.4).
         exact_self_exclusion (`bool`, *optional*, defaults to `False`):
             Give the positive's teacher logit -inf (the paper) instead of 0 (the authors' code).
+        loss_function (`str`, *optional*, defaults to `"sce"`):
+            `"sce"`, or `"ressl"` (the positive removed from both distributions; a baseline for comparisons).
         initial_momentum (`float`, *optional*, defaults to 0.99):
             Teacher EMA momentum at the first step.
         final_momentum (`float`, *optional*, defaults to 1.0):
@@ -164,6 +167,7 @@ class SCEConfig(PreTrainedConfig):
         coeff: float = 0.5,
         in_batch_keys: bool = False,
         exact_self_exclusion: bool = False,
+        loss_function: str = "sce",
         initial_momentum: float = 0.99,
         final_momentum: float = 1.0,
         momentum_schedule: str = "cosine",
@@ -192,6 +196,7 @@ class SCEConfig(PreTrainedConfig):
         self.coeff = coeff
         self.in_batch_keys = in_batch_keys
         self.exact_self_exclusion = exact_self_exclusion
+        self.loss_function = loss_function
         self.initial_momentum = initial_momentum
         self.final_momentum = final_momentum
         self.momentum_schedule = momentum_schedule
@@ -228,6 +233,8 @@ class SCEConfig(PreTrainedConfig):
         for name in ("coeff", "initial_momentum", "final_momentum", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, "in [0, 1]")
+        if self.loss_function not in _LOSS_FUNCTIONS:
+            fail("loss_function", f"one of {_LOSS_FUNCTIONS}")
         if self.momentum_schedule not in _MOMENTUM_SCHEDULES:
             fail("momentum_schedule", f"one of {_MOMENTUM_SCHEDULES}")
         for name in ("num_global_views", "split_batchnorm_groups"):

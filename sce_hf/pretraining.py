@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from .batchnorm import convert_to_split_batchnorm
 from .configuration_sce import SCEConfig
-from .losses import sce_loss
+from .losses import ressl_loss, sce_loss
 from .modeling_sce import SCEModel, SCEPreTrainedModel
 from .optim import cosine_momentum
 
@@ -227,17 +227,20 @@ class SCEForPreTraining(SCEPreTrainedModel):
         queue = self.queue.detach().clone() if self.config.queue_size > 0 else None  # snapshot before the enqueue
         gathered = {i: _gather_no_grad(keys[i]) for i in teacher_views}  # each (W·B, d)
         loss_kwargs = dict(
-            coeff=self.config.coeff,
             temperature=self.config.student_temperature,
             target_temperature=self.config.teacher_temperature,
             in_batch_keys=self.config.in_batch_keys,
-            exact_self_exclusion=self.config.exact_self_exclusion,
         )
+        if self.config.loss_function == "sce":
+            loss_fn = sce_loss
+            loss_kwargs.update(coeff=self.config.coeff, exact_self_exclusion=self.config.exact_self_exclusion)
+        else:
+            loss_fn = ressl_loss
         losses = []
         for j, i in pairs:
             if self.config.in_batch_keys:
                 loss_kwargs.update(gathered_keys=gathered[i], positive_offset=_rank() * batch_size)
-            losses.append(sce_loss(queries[j], keys[i], queue, **loss_kwargs))
+            losses.append(loss_fn(queries[j], keys[i], queue, **loss_kwargs))
         loss = torch.stack(losses).mean()
         return SCEPreTrainingOutput(loss=loss, teacher_keys=torch.cat([gathered[i] for i in teacher_views]), num_pairs=len(pairs))
 

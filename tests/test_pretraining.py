@@ -220,3 +220,18 @@ def test_split_batchnorm__keeps_dtype_and_momentum_semantics():
     frozen = convert_to_split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3, momentum=0.0)), 2)[0]
     frozen(x.float())
     assert torch.equal(frozen.running_mean, torch.zeros(3))
+
+
+def test_loss_function__ressl_baseline_uses_ressl_loss():
+    from sce_hf.losses import ressl_loss
+
+    model = SCEForPreTraining(tiny_config(loss_function="ressl")).eval()
+    views = _views()
+    output = model(pixel_values=views)
+    q = [model.student_embed(v) for v in views]
+    k = [model.teacher_embed(v) for v in views]
+    expected = (ressl_loss(q[1], k[0], model.queue, temperature=0.1, target_temperature=0.07)
+                + ressl_loss(q[0], k[1], model.queue, temperature=0.1, target_temperature=0.07)) / 2
+    torch.testing.assert_close(output.loss, expected)
+    with pytest.raises(ValueError, match="loss_function"):
+        tiny_config(loss_function="byol")

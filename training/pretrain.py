@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Split every batch norm (student and teacher) into N groups of the batch, so one process "
                        "computes what N processes with per-process batch norm compute (for testing and comparisons).")
     model.add_argument("--momentum_schedule", choices=["cosine", "constant"], default=None, help="Teacher momentum schedule.")
+    model.add_argument("--loss_function", choices=["sce", "ressl"], default=None,
+                       help="The SCE loss, or the ReSSL baseline (positive removed from both distributions).")
     for name in ("symmetric", "in_batch_keys", "exact_self_exclusion", "shuffle_teacher_batch"):
         model.add_argument(f"--{name}", type=_bool, default=None, help=f"Override the preset's `{name}` (true/false).")
 
@@ -176,7 +178,7 @@ _MODEL_FLAGS = (
     "projector_hidden_size", "projector_output_size", "predictor_hidden_size", "predictor_num_layers", "queue_size",
     "coeff", "student_temperature", "teacher_temperature", "initial_momentum", "final_momentum",
     "split_batchnorm_groups", "momentum_schedule", "symmetric", "in_batch_keys", "exact_self_exclusion",
-    "shuffle_teacher_batch",
+    "shuffle_teacher_batch", "loss_function",
 )
 
 
