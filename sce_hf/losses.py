@@ -52,14 +52,18 @@ def _candidate_similarities(
     gathered_keys: torch.Tensor | None,
     positive_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw cosine similarities of the student and the teacher with every candidate.
+    """Check and upcast the inputs, then the raw cosine similarities of the student and the teacher with every
+    candidate.
 
     Columns are ``[key_i | queue]`` by default (the positive is column 0), or ``[all batch keys | queue]`` with
     ``in_batch_keys`` (the positive of row i is column ``positive_offset + i``).
 
     Returns:
-        student_sim (B, C), teacher_sim (B, C) and positive_index (B,) with C the number of candidates.
+        student_sim (B, C), teacher_sim (B, C), positive_index (B,) and positive_mask (B, C), with C the number of
+        candidates.
     """
+    _check_embeddings(query, key, queue)
+    query, key, queue, gathered_keys = _upcast(query, key, queue, gathered_keys)
     batch_size = query.shape[0]
     key = key.detach()
     queue = queue.detach() if queue is not None else None
@@ -94,7 +98,9 @@ def _candidate_similarities(
             "SCE needs candidates besides the positive, but the queue is empty or absent and the batch holds a "
             "single key: pass a non-empty `queue`, or use `in_batch_keys=True` with a larger batch."
         )
-    return student_sim, teacher_sim, positive_index
+    positive_mask = torch.zeros_like(student_sim, dtype=torch.bool)
+    positive_mask[torch.arange(batch_size, device=query.device), positive_index] = True
+    return student_sim, teacher_sim, positive_index, positive_mask
 
 
 def sce_loss(
@@ -157,15 +163,9 @@ def sce_loss(
         raise ValueError(f"`coeff` must be in [0, 1], got {coeff}.")
     _check_temperature("temperature", temperature)
     _check_temperature("target_temperature", target_temperature)
-    _check_embeddings(query, key, queue)
-    query, key, queue, gathered_keys = _upcast(query, key, queue, gathered_keys)
-
-    student_sim, teacher_sim, positive_index = _candidate_similarities(
+    student_sim, teacher_sim, _, positive_mask = _candidate_similarities(  # (B, C) each
         query, key, queue, in_batch_keys, gathered_keys, positive_offset
     )
-    rows = torch.arange(query.shape[0], device=query.device)
-    positive_mask = torch.zeros_like(student_sim, dtype=torch.bool)  # (B, C)
-    positive_mask[rows, positive_index] = True
 
     with torch.no_grad():
         if in_batch_keys or exact_self_exclusion:
@@ -199,9 +199,7 @@ def infonce_loss(
         `torch.Tensor`: the scalar loss, the mean over the batch.
     """
     _check_temperature("temperature", temperature)
-    _check_embeddings(query, key, queue)
-    query, key, queue, gathered_keys = _upcast(query, key, queue, gathered_keys)
-    student_sim, _, positive_index = _candidate_similarities(
+    student_sim, _, positive_index, _ = _candidate_similarities(
         query, key, queue, in_batch_keys, gathered_keys, positive_offset
     )
     return F.cross_entropy(student_sim / temperature, positive_index)
@@ -233,13 +231,9 @@ def ressl_loss(
     """
     _check_temperature("temperature", temperature)
     _check_temperature("target_temperature", target_temperature)
-    _check_embeddings(query, key, queue)
-    query, key, queue, gathered_keys = _upcast(query, key, queue, gathered_keys)
-    student_sim, teacher_sim, positive_index = _candidate_similarities(
+    student_sim, teacher_sim, _, positive_mask = _candidate_similarities(  # (B, C) each
         query, key, queue, in_batch_keys, gathered_keys, positive_offset
     )
-    positive_mask = torch.zeros_like(student_sim, dtype=torch.bool)  # (B, C)
-    positive_mask[torch.arange(query.shape[0], device=query.device), positive_index] = True
     with torch.no_grad():
         target = F.softmax(teacher_sim.masked_fill(positive_mask, float("-inf")) / target_temperature, dim=1)
     log_prob = F.log_softmax((student_sim / temperature).masked_fill(positive_mask, float("-inf")), dim=1)

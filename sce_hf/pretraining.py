@@ -13,7 +13,6 @@ makes, once per optimizer step.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -47,42 +46,37 @@ class SCEPreTrainingOutput(ModelOutput):
     num_pairs: int | None = None
 
 
-def build_projector(config: SCEConfig) -> nn.Sequential:
-    """Projector g: `projector_num_layers` linear layers; hidden ones are Linear (no bias) → BatchNorm1d → ReLU.
-
-    Input (B, feature_dim), output (B, projector_output_size). The ResNet-50 heads end with a BatchNorm1d without
-    affine parameters; the CIFAR heads end with a biased Linear (SCE_SPEC §2.1).
-    """
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bias: bool, last_batchnorm: bool) -> nn.Sequential:
+    """`num_layers` linear layers; the hidden ones are Linear (no bias) → BatchNorm1d → ReLU, the last one a Linear
+    (with a bias if asked) optionally followed by a BatchNorm1d without affine parameters."""
     layers: list[nn.Module] = []
-    in_dim = config.feature_dim
-    for _ in range(config.projector_num_layers - 1):
-        layers += [
-            nn.Linear(in_dim, config.projector_hidden_size, bias=False),
-            nn.BatchNorm1d(config.projector_hidden_size),
-            nn.ReLU(inplace=True),
-        ]
-        in_dim = config.projector_hidden_size
-    layers.append(nn.Linear(in_dim, config.projector_output_size, bias=config.projector_last_bias))
-    if config.projector_last_batchnorm:
-        layers.append(nn.BatchNorm1d(config.projector_output_size, affine=False))
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        in_dim = hidden_dim
+    layers.append(nn.Linear(in_dim, out_dim, bias=last_bias))
+    if last_batchnorm:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+def build_projector(config: SCEConfig) -> nn.Sequential:
+    """Projector g: (B, feature_dim) → (B, projector_output_size).
+
+    The ResNet-50 heads end with a BatchNorm1d without affine parameters; the CIFAR heads end with a biased Linear
+    (SCE_SPEC §2.1).
+    """
+    return _mlp(
+        config.feature_dim, config.projector_hidden_size, config.projector_output_size, config.projector_num_layers,
+        config.projector_last_bias, config.projector_last_batchnorm,
+    )
 
 
 def build_predictor(config: SCEConfig) -> nn.Module:
     """Predictor h of the student only: (B, out) → (B, out); an identity when `predictor_num_layers == 0`."""
     if config.predictor_num_layers == 0:
         return nn.Identity()
-    layers: list[nn.Module] = []
-    in_dim = config.projector_output_size
-    for _ in range(config.predictor_num_layers - 1):
-        layers += [
-            nn.Linear(in_dim, config.predictor_hidden_size, bias=False),
-            nn.BatchNorm1d(config.predictor_hidden_size),
-            nn.ReLU(inplace=True),
-        ]
-        in_dim = config.predictor_hidden_size
-    layers.append(nn.Linear(in_dim, config.projector_output_size, bias=False))
-    return nn.Sequential(*layers)
+    out = config.projector_output_size
+    return _mlp(out, config.predictor_hidden_size, out, config.predictor_num_layers, last_bias=False, last_batchnorm=False)
 
 
 def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

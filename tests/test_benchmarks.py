@@ -1,18 +1,10 @@
 """The benchmark scripts run (tiny sizes on the CPU); their figures live in benchmarks/RESULTS.md."""
 
-import importlib.util
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.tiny import load_script
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_gpu_throughput__tiny_cpu_run():

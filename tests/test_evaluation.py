@@ -1,9 +1,7 @@
 """sce_hf.evaluation and training/evaluate.py: k-NN, linear probe, retrieval, eval_results.json."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -11,18 +9,13 @@ import torch
 from sce_hf import SCEImageProcessor, SCEModel
 from sce_hf.evaluation import knn_accuracy, knn_predict, linear_probe_on_features, retrieval_recall_at_k
 from sce_hf.hub import add_eval_result, read_eval_results
-from tests.tiny import tiny_config
+from tests.tiny import load_script, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _evaluate_script():
-    if "evaluate_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "training", "evaluate.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["evaluate_script"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["evaluate_script"]
+    return load_script("training/evaluate.py")
 
 
 def _clusters(centres, per_class, spread, seed):

@@ -1,23 +1,18 @@
 """The training recipes carry the values of SCE_SPEC §4, and every recipe parses with the script's flags."""
 
 import glob
-import importlib.util
 import os
-import sys
 
 import pytest
+
+from tests.tiny import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "training", "configs", "*.yaml")))
 
 
 def _pretrain():
-    if "pretrain" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pretrain", os.path.join(ROOT, "training", "pretrain.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pretrain"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["pretrain"]
+    return load_script("training/pretrain.py")
 
 
 def _args(name, *flags):

@@ -29,3 +29,19 @@ def tiny_config(backbone: str = "resnet", **overrides) -> SCEConfig:
         values["small_input_stem"] = True
     values.update(overrides)
     return SCEConfig(**values)
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (training/..., benchmarks/...) as a module, once per test session."""
+    import importlib.util
+    import os
+    import sys
+
+    name = "script_" + relative_path.replace("/", "_").removesuffix(".py")
+    if name not in sys.modules:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, relative_path))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
