@@ -620,3 +620,57 @@ def test_too_many_unreadable_images_stop_the_run(pretrain, tmp_path):
         (folder / "dog" / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff junk " * i)
     with pytest.raises(SystemExit, match=r"could not be decoded, more than --max_bad_image_fraction 0.01"):
         run_main(pretrain, tmp_path / "out", "--train_dir", str(folder), "--max_train_steps", "2")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 7. Optimisation and monitoring options
+
+
+def test_gradient_accumulation_feeds_the_queue_once_per_optimizer_step(pretrain, saved_dataset, tmp_path, monkeypatch):
+    calls = []
+    original = SCEForPreTraining.enqueue
+
+    def recording_enqueue(self, keys):
+        calls.append(keys.shape[0])
+        return original(self, keys)
+
+    monkeypatch.setattr(SCEForPreTraining, "enqueue", recording_enqueue)
+    out = tmp_path / "accumulate"
+    run_main(pretrain, out, "--dataset_name", str(saved_dataset), "--gradient_accumulation_steps", "2",
+             "--max_train_steps", "2", "--warmup_epochs", "0")
+    # 2 optimizer steps, each: 2 micro-batches x 8 keys of view 0 (the preset's weak-teacher, non-symmetric mode).
+    assert calls == [2 * 8, 2 * 8]
+    log = read_log(out)
+    assert sorted(log) == [1, 2]
+    assert log[1]["train/lr"] == pytest.approx(0.5 * (8 * 2) / 256)  # base lr x global batch / 256, no warm-up
+    pretraining = SCEForPreTraining.from_pretrained(out / "pretraining")
+    assert pretraining.num_enqueued.item() == 32 and pretraining.queue_ptr.item() == 32
+
+
+def test_bf16_and_channels_last(pretrain, saved_dataset, tmp_path):
+    out = tmp_path / "bf16"
+    run_main(pretrain, out, "--dataset_name", str(saved_dataset), "--max_train_steps", "2", "--mixed_precision", "bf16",
+             "--channels_last")
+    assert all(np.isfinite(row["train/loss"]) for row in read_log(out).values())
+    assert json.loads((out / "training_args.json").read_text())["mixed_precision"] == "bf16"
+    assert_exported(out, steps=2)
+
+
+def test_online_knn_final_knn_and_tensorboard(pretrain, saved_dataset, tmp_path):
+    out = tmp_path / "knn"
+    results = run_main(pretrain, out, "--dataset_name", str(saved_dataset), "--max_train_steps", "4",
+                       "--eval_split", "train", "--eval_every", "1", "--final_knn", "true", "--max_knn_bank_samples", "16",
+                       "--knn_k", "3", "--with_tracking", "--report_to", "tensorboard")
+    assert 0.0 <= results["knn_top1"] <= 1.0
+    (entry,) = [r for r in json.loads((out / "eval_results.json").read_text()) if r["task"] == "knn"]
+    assert entry["value"] == round(100 * results["knn_top1"], 2) and entry["settings"]["k"] == 3
+    assert any("tfevents" in name for _, _, files in os.walk(out) for name in files)
+
+
+def test_push_to_hub_offline_fails_with_one_clear_line(pretrain, saved_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "push"
+    with pytest.raises(SystemExit, match="offline"):
+        run_main(pretrain, out, "--dataset_name", str(saved_dataset), "--max_train_steps", "1", "--push_to_hub",
+                 "--hub_model_id", "sce-hf/tiny-test")
+    assert_exported(out, steps=1)  # the local export is complete all the same
