@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import CONFIG_MAPPING, PreTrainedConfig
 
+from .modeling_resnet3d import R3D_MODEL_TYPE, R3DConfig
+
 
 _POOLING_MODES = ("auto", "mean", "cls")
 _MOMENTUM_SCHEDULES = ("cosine", "constant")
@@ -36,11 +38,35 @@ _PRESET_HEADS: dict[str, dict[str, Any]] = {
         predictor_hidden_size=512,
         predictor_num_layers=0,
     ),
+    # Video (SCE_SPEC §2.1): R3D-18 512 -> 1024 -> 1024 -> 256, predictor 256 -> 1024 -> 256; R3D-50 as ResNet-50.
+    "r3d18": dict(
+        projector_hidden_size=1024,
+        projector_output_size=256,
+        projector_num_layers=3,
+        projector_last_batchnorm=True,
+        projector_last_bias=False,
+        predictor_hidden_size=1024,
+        predictor_num_layers=2,
+    ),
+    "r3d50": dict(
+        projector_hidden_size=4096,
+        projector_output_size=256,
+        projector_num_layers=3,
+        projector_last_batchnorm=True,
+        projector_last_bias=False,
+        predictor_hidden_size=4096,
+        predictor_num_layers=2,
+    ),
 }
-PRESETS = ("resnet50", "resnet18", "resnet18-small", "resnet50-small")
+PRESETS = ("resnet50", "resnet18", "resnet18-small", "resnet50-small", "r3d18", "r3d50")
+VIDEO_PRESETS = ("r3d18", "r3d50")
 
 
 def _preset_backbone(name: str) -> dict[str, Any]:
+    if name == "r3d18":
+        return dict(model_type=R3D_MODEL_TYPE, layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512])
+    if name == "r3d50":
+        return dict(model_type=R3D_MODEL_TYPE, layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048])
     if name.startswith("resnet50"):
         return dict(model_type="resnet", layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048])
     return dict(model_type="resnet", layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512])
@@ -55,6 +81,8 @@ def _as_backbone_config(backbone_config: dict | PreTrainedConfig | None) -> PreT
     if isinstance(backbone_config, dict):
         backbone_config = dict(backbone_config)
         model_type = backbone_config.pop("model_type", None)
+        if model_type == R3D_MODEL_TYPE:  # the video trunk: defined beside this file, unknown to transformers
+            return R3DConfig(**backbone_config)
         if model_type not in CONFIG_MAPPING:
             raise ValueError(
                 f"`backbone_config` must name a transformers model type under 'model_type' (for example 'resnet', "
@@ -76,7 +104,8 @@ class SCEConfig(PreTrainedConfig):
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*):
             The trunk: any transformers vision model config (ResNet, ConvNeXt, ViT, ...), as a config or as its
-            dict with a `model_type` key. Defaults to ResNet-50.
+            dict with a `model_type` key, or the video trunk's [`R3DConfig`] (`model_type` `"r3d"`: R3D-18/50, whose
+            inputs are clips `(batch, frames, channels, height, width)`). Defaults to ResNet-50.
         small_input_stem (`bool`, *optional*, defaults to `False`):
             Replace a ResNet trunk's 7x7 stride-2 stem and max-pool with a 3x3 stride-1 convolution and no
             max-pool, as the paper does on 32 px images. Only valid with a ResNet trunk.
@@ -255,6 +284,11 @@ class SCEConfig(PreTrainedConfig):
         return int(self.backbone_config.hidden_size)
 
     @property
+    def is_video(self) -> bool:
+        """Whether the trunk is the video R3D trunk, which takes clips `(batch, frames, channels, height, width)`."""
+        return getattr(self.backbone_config, "model_type", None) == R3D_MODEL_TYPE
+
+    @property
     def num_channels(self) -> int:
         """Number of input image channels the trunk expects."""
         return int(getattr(self.backbone_config, "num_channels", 3))
@@ -265,7 +299,8 @@ class SCEConfig(PreTrainedConfig):
 
         Presets: `"resnet50"` (the paper's ImageNet model and heads), `"resnet18"` (ResNet-18 with the authors'
         CIFAR heads), `"resnet18-small"` (the same with the 3x3 stride-1 stem and no max-pool for 32 px images,
-        the authors' CIFAR-10 model) and `"resnet50-small"`.
+        the authors' CIFAR-10 model), `"resnet50-small"`, and the video models `"r3d18"` and `"r3d50"` (R3D trunks
+        and heads of SCE_SPEC §2.1, with the Kinetics settings of §4: τ_m = 0.05, queue 65,536).
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {PRESETS}.")
@@ -275,8 +310,10 @@ class SCEConfig(PreTrainedConfig):
         if name == "resnet18-small":  # The authors' CIFAR-10 recipe (SCE_SPEC §4).
             values.update(queue_size=4096, teacher_temperature=0.05, momentum_schedule="constant", symmetric=False,
                           split_batchnorm_groups=8, shuffle_teacher_batch=True)
+        if name in VIDEO_PRESETS:  # The authors' Kinetics recipes (SCE_SPEC §4).
+            values.update(queue_size=65536, teacher_temperature=0.05, momentum_schedule="cosine", symmetric=True)
         values.update(kwargs)
         return cls(**values)
 
 
-__all__ = ["SCEConfig"]
+__all__ = ["R3DConfig", "SCEConfig"]

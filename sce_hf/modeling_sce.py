@@ -2,10 +2,11 @@
 
 Paper: "Similarity Contrastive Estimation for Self-Supervised Soft Contrastive Learning" (Denize et al., WACV 2023,
 arXiv:2111.14585). The encoder is any transformers vision model (the paper's is ResNet-50) whose last hidden state
-is pooled into one feature vector per image.
+is pooled into one feature vector per image. Video encoders use the R3D trunk of the sibling `modeling_resnet3d.py`
+(arXiv:2212.11187); their inputs are clips `(batch, frames, channels, height, width)`.
 
-This file travels with exported checkpoints as remote code: it imports only torch, transformers and its sibling
-`configuration_sce.py`.
+This file travels with exported checkpoints as remote code: it imports only torch, transformers and its siblings
+`configuration_sce.py` and `modeling_resnet3d.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .configuration_sce import SCEConfig
+from .modeling_resnet3d import R3DModel
 
 
 def _small_input_stem(trunk: nn.Module, num_channels: int) -> None:
@@ -36,8 +38,11 @@ def build_trunk(config: SCEConfig) -> PreTrainedModel:
     """The encoder's trunk: a transformers vision model built from `config.backbone_config`.
 
     A trunk's pooler that has parameters (ViT's dense + tanh) is removed: SCE pools the last hidden state itself,
-    and a layer that receives no gradient would break distributed training.
+    and a layer that receives no gradient would break distributed training. A video config (`config.is_video`)
+    gets the R3D trunk of `modeling_resnet3d.py`, rebuilt from the config's own fields.
     """
+    if config.is_video:
+        return R3DModel(config.backbone_config)
     trunk = AutoModel.from_config(config.backbone_config)
     if config.small_input_stem:
         _small_input_stem(trunk, config.num_channels)
@@ -80,7 +85,8 @@ class SCEPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)):
             if getattr(module, "weight", None) is not None:
-                init.ones_(module.weight)
+                # R3D marks the last norm of each residual branch (pytorchvideo starts it at zero scale).
+                (init.zeros_ if getattr(module, "block_final_bn", False) else init.ones_)(module.weight)
                 init.zeros_(module.bias)
             if getattr(module, "running_mean", None) is not None:
                 init.zeros_(module.running_mean)
@@ -107,17 +113,28 @@ class SCEModel(SCEPreTrainedModel):
         if pooling == "auto":
             if trunk_pooled is not None:
                 return trunk_pooled.flatten(1)  # ResNet: (B, C, 1, 1); ConvNeXt: (B, C), layer-normed.
-            pooling = "mean" if last_hidden_state.ndim == 4 else "cls"
-        if pooling == "mean":
-            return last_hidden_state.mean(dim=(-2, -1)) if last_hidden_state.ndim == 4 else last_hidden_state.mean(dim=1)
+            pooling = "mean" if last_hidden_state.ndim >= 4 else "cls"
+        if pooling == "mean":  # feature maps (B, C, H, W) or (B, C, T, H, W): mean over everything after C
+            if last_hidden_state.ndim >= 4:
+                return last_hidden_state.mean(dim=tuple(range(2, last_hidden_state.ndim)))
+            return last_hidden_state.mean(dim=1)
         if last_hidden_state.ndim != 3:
             raise ValueError(f"`pooling='cls'` needs a token sequence, got a hidden state of shape {tuple(last_hidden_state.shape)}.")
         return last_hidden_state[:, 0]
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """Raise a ValueError naming the problem when `pixel_values` is not (batch, channels, height, width)."""
+        """Raise a ValueError naming the problem when `pixel_values` is not (batch, channels, height, width), or
+        (batch, frames, channels, height, width) for a video encoder."""
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if self.config.is_video:
+            if pixel_values.ndim != 5 or pixel_values.shape[2] != self.config.num_channels:
+                raise ValueError(
+                    f"A video encoder takes clips: `pixel_values` must have shape (batch_size, num_frames, "
+                    f"{self.config.num_channels}, height, width), got shape {tuple(pixel_values.shape)}; prepare clips "
+                    "with `sce_hf.video.SCEVideoProcessor` (a single image is a clip of 1 frame)."
+                )
+            return
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"`pixel_values` must have shape (batch_size, {self.config.num_channels}, height, width), got a "
@@ -139,7 +156,8 @@ class SCEModel(SCEPreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
-                Images prepared by [`SCEImageProcessor`].
+                Images prepared by [`SCEImageProcessor`]; for a video encoder (`config.is_video`), clips of shape
+                `(batch_size, num_frames, num_channels, height, width)` prepared by `SCEVideoProcessor`.
             output_hidden_states (`bool`, *optional*):
                 Also return the trunk's hidden states.
             return_dict (`bool`, *optional*):
@@ -147,7 +165,8 @@ class SCEModel(SCEPreTrainedModel):
 
         Returns:
             [`BaseModelOutputWithPooling`] with `last_hidden_state` (the trunk's; `(batch_size, channels, h, w)` for
-            convolutional trunks, `(batch_size, tokens, hidden)` for transformers) and `pooler_output`
+            convolutional trunks, `(batch_size, channels, t, h, w)` for R3D, `(batch_size, tokens, hidden)` for
+            transformers) and `pooler_output`
             `(batch_size, feature_dim)`, the SCE representation.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict

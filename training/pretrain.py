@@ -12,6 +12,11 @@ One process (CPU or one GPU):
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank RANK \
         --main_process_ip HOST --main_process_port 29500 training/pretrain.py --config ... --output_dir ...
 
+Video (SCE_SPEC §3.5, §5): clips of a folder of videos (CLASS/VIDEO files or frame folders) or a dataset with a video
+column, R3D-18/50 trunks:
+    accelerate launch --multi_gpu --num_processes 8 training/pretrain.py \
+        --config training/configs/kinetics400-r3d18.yaml --train_dir /data/kinetics400 --output_dir outputs/k400-r3d18
+
 Two CPU processes (gloo), for testing:
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no training/pretrain.py ...
@@ -46,9 +51,10 @@ from sce_hf import SCEConfig, SCEForPreTraining, SCEImageProcessor
 from sce_hf.batchnorm import convert_to_split_batchnorm
 from sce_hf.augmentations import RECIPE_NAMES, SCEAugmentation, get_recipe
 from sce_hf.cli import add_config_arg, add_data_args, add_hub_args, parse_args_with_config
-from sce_hf.configuration_sce import PRESETS
+from sce_hf.configuration_sce import PRESETS, VIDEO_PRESETS
 from sce_hf.data import EpochBatchSampler, StreamViews, ViewsDataset, collate_views, load_image_dataset, resolve_column
 from sce_hf.evaluation import extract_features, knn_accuracy, processor_transform
+from sce_hf.video import VIDEO_COLUMN_FALLBACKS, ClipViewsDataset, SCEVideoProcessor, load_video_dataset
 from sce_hf.hub import PushError, add_eval_result, export_pretrained, push_to_hub
 from sce_hf.optim import OPTIMIZERS, build_optimizer, warmup_cosine_lr
 
@@ -96,6 +102,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     aug.add_argument("--processor_preset", choices=["imagenet", "cifar10", "fashion-mnist"], default="imagenet",
                      help="The evaluation preprocessing exported with the model.")
 
+    video = parser.add_argument_group("video")
+    video.add_argument("--modality", choices=["image", "video"], default="image",
+                       help="Train on images, or on clips of videos (two random clips per video are the positives; "
+                       "needs a video --preset, r3d18 or r3d50).")
+    video.add_argument("--video_column_name", type=str, default=None,
+                       help=f"Column holding the videos (default: the first of {', '.join(VIDEO_COLUMN_FALLBACKS)}).")
+    video.add_argument("--num_frames", type=int, default=8, help="Frames per clip, spread uniformly over the clip.")
+    video.add_argument("--clip_duration", type=float, default=2.56, help="Seconds covered by a clip.")
+    video.add_argument("--temporal_difference_p", type=float, default=0.2,
+                       help="Probability that a clip becomes its random temporal difference (SCE_SPEC §3.5).")
+    video.add_argument("--frame_rate", type=float, default=30.0, help="Frames per second of folders of extracted frames.")
+    video.add_argument("--min_video_frames", type=int, default=1,
+                       help="A clip window with fewer decodable frames is a bad video (skipped and counted); shorter "
+                       "videos than a clip are otherwise used whole, with frames repeated.")
+
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default="lars")
     opt.add_argument("--base_learning_rate", type=float, default=0.3, help="lr = base_lr x global batch / 256.")
@@ -141,6 +162,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--streaming needs --max_train_steps (a stream has no known length).")
     if args.push_to_hub and args.hub_model_id is None:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME.")
+    if args.modality == "video" and args.streaming:
+        parser.error("--modality video reads map-style datasets only (no --streaming).")
+    if (args.modality == "video") != (args.preset in VIDEO_PRESETS) and args.model_name_or_path is None:
+        parser.error(f"--modality {args.modality} needs {'a video' if args.modality == 'video' else 'an image'} "
+                     f"--preset (video presets: {', '.join(VIDEO_PRESETS)}), got --preset {args.preset}.")
     if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
         parser.error(f"--checkpointing_steps must be an integer or 'epoch', got {args.checkpointing_steps!r}.")
     return args
@@ -168,6 +194,7 @@ class TrainingState:
     max_train_steps: int = 0
     steps_per_epoch: int = 0
     global_batch_size: int = 0
+    train_seconds: float = 0.0  # wall time spent training, summed over resumed runs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -251,6 +278,17 @@ def resolve_resume_path(args) -> str | None:
     return args.resume_from_checkpoint
 
 
+def hardware_description(num_processes: int) -> str:
+    """What trained the model, for the model card: e.g. `8 x NVIDIA H100 80GB HBM3` or `1 x CPU (2 cores, x86_64)`."""
+    import platform
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    return f"{num_processes} x {name}"
+
+
 def default_mixed_precision(args) -> str:
     if args.mixed_precision is not None:
         return args.mixed_precision
@@ -279,6 +317,16 @@ def processor_for(args) -> SCEImageProcessor:
     return processor
 
 
+def video_processor_for(args, views) -> SCEVideoProcessor:
+    """The evaluation preprocessing of a video run: shorter side crop / 0.875 (256 for 224), centre crop, and the
+    normalisation the training views used."""
+    crop = args.crop_size or 224
+    shortest = int(round(crop / 0.875))
+    mean, std = (list(v) * (3 // len(v)) for v in (views[0].mean, views[0].std))
+    return SCEVideoProcessor(num_frames=args.num_frames, clip_duration=args.clip_duration, image_mean=mean, image_std=std,
+                             size={"shortest_edge": shortest}, crop_size={"height": crop, "width": crop})
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(
@@ -295,8 +343,14 @@ def main(argv=None) -> dict:
 
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():
-        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.streaming, args.cache_dir)
-    image_column = resolve_column(dataset, args.image_column_name, ("image", "img"), "image")
+        if args.modality == "video":
+            dataset = load_video_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.cache_dir)
+        else:
+            dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split, args.streaming, args.cache_dir)
+    if args.modality == "video":
+        image_column = resolve_column(dataset, args.video_column_name, VIDEO_COLUMN_FALLBACKS, "video")
+    else:
+        image_column = resolve_column(dataset, args.image_column_name, ("image", "img"), "image")
     if args.max_train_samples is not None:
         dataset = dataset.take(args.max_train_samples) if args.streaming else dataset.select(range(min(args.max_train_samples, len(dataset))))
     overrides = {}
@@ -306,6 +360,8 @@ def main(argv=None) -> dict:
     if args.crop_min_scale is not None:
         views = [type(v)(**{**asdict(v), "crop_scale": (args.crop_min_scale, v.crop_scale[1])}) for v in views]
     crop_on_device = args.crop_on_device if args.crop_on_device is not None else len({v.crop_size for v in views}) == 1 and not args.train_dir
+    crop_on_device = crop_on_device and args.modality == "image"  # clips are cropped by the CPU workers
+    memory_format = torch.channels_last_3d if args.modality == "video" else torch.channels_last
     augment = SCEAugmentation(views)
 
     num_processes, batch_size = accelerator.num_processes, args.per_device_train_batch_size
@@ -347,7 +403,7 @@ def main(argv=None) -> dict:
     elif num_processes > 1:
         logger.warning("SyncBatchNorm needs GPUs: each of the %d CPU processes keeps its own batch-norm statistics.", num_processes)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format)
     peak_lr = args.base_learning_rate * global_batch / 256
     optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay, args.sgd_momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -386,6 +442,14 @@ def main(argv=None) -> dict:
     progress = tqdm(total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process, desc="pretraining")
     pending_keys: list[torch.Tensor] = []
     window_start, window_images, last_checkpoint = time.perf_counter(), 0, resume_path
+    segment_start = time.perf_counter()
+
+    def bank_train_time() -> None:
+        nonlocal segment_start
+        now = time.perf_counter()
+        state.train_seconds += now - segment_start
+        segment_start = now
+
     metrics: dict = {}
     while state.completed_steps < max_train_steps:
         fresh_epoch = state.batches_in_epoch == 0
@@ -405,7 +469,7 @@ def main(argv=None) -> dict:
             images = images.to(accelerator.device) if torch.is_tensor(images) else [v.to(accelerator.device) for v in images]
             pixel_values = augment(images, batch["sample_seeds"])
             if args.channels_last:
-                pixel_values = [v.contiguous(memory_format=torch.channels_last) for v in pixel_values]
+                pixel_values = [v.contiguous(memory_format=memory_format) for v in pixel_values]
             with accelerator.accumulate(model):
                 output = model(pixel_values=pixel_values)
                 losses = accelerator.gather(output.loss.detach().reshape(1))
@@ -447,6 +511,7 @@ def main(argv=None) -> dict:
                         handle.write(json.dumps({"step": state.completed_steps, **metrics}) + "\n")
                 window_start, window_images = time.perf_counter(), 0
             if args.checkpointing_steps not in (None, "epoch") and state.completed_steps % int(args.checkpointing_steps) == 0:
+                bank_train_time()
                 last_checkpoint = save_checkpoint(accelerator, args, state, f"step_{state.completed_steps}")
             if state.completed_steps >= max_train_steps:
                 break
@@ -457,6 +522,7 @@ def main(argv=None) -> dict:
                                  "rows per process. Check the data files and --train_split.")
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if args.checkpointing_steps == "epoch":
+                bank_train_time()
                 last_checkpoint = save_checkpoint(accelerator, args, state, f"epoch_{state.epoch}")
             if args.eval_every and args.eval_split and state.epoch % args.eval_every == 0:
                 top1 = run_knn(args, sce_model.sce, accelerator, max_bank=args.max_knn_bank_samples)
@@ -467,14 +533,19 @@ def main(argv=None) -> dict:
     progress.close()
 
     # ---------------------------------------------------------------- export
+    bank_train_time()
     accelerator.wait_for_everyone()
-    results = {"completed_steps": state.completed_steps, "num_bad_images": state.num_bad_images}
+    results = {"completed_steps": state.completed_steps, "num_bad_images": state.num_bad_images,
+               "train_seconds": round(state.train_seconds, 1)}
     if accelerator.is_main_process:
         training_args = {**{k: v for k, v in vars(args).items() if k != "hub_token"}, "global_batch_size": global_batch,
                          "peak_learning_rate": peak_lr, "max_train_steps": max_train_steps, "num_processes": num_processes,
                          "mixed_precision": accelerator.mixed_precision, "sce_hf_version": sce_hf.__version__,
-                         "device": str(accelerator.device)}
-        export_pretrained(sce_model, processor_for(args), args.output_dir, training_args)
+                         "device": str(accelerator.device), "hardware": hardware_description(num_processes),
+                         "completed_steps": state.completed_steps, "epochs_completed": state.epoch,
+                         "wall_time_seconds": round(state.train_seconds, 1)}
+        processor = video_processor_for(args, views) if args.modality == "video" else processor_for(args)
+        export_pretrained(sce_model, processor, args.output_dir, training_args)
         logger.info("Exported the encoder to %s", os.path.abspath(args.output_dir))
     if args.final_knn and args.eval_split:
         top1 = run_knn(args, sce_model.sce, accelerator, max_bank=None)
@@ -511,12 +582,17 @@ def _epoch_loader(args, dataset, image_column, views, crop_on_device, state: Tra
         loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_views, num_workers=workers,
                                              drop_last=True, generator=generator)
         return loader if workers <= 1 else itertools.islice(loader, state.batches_in_epoch, None)
+    if args.modality == "video":
+        dataset_of_views = ClipViewsDataset(dataset, image_column, views, args.seed, args.num_frames, args.clip_duration,
+                                            args.temporal_difference_p, args.frame_rate, args.min_video_frames)
+    else:
+        dataset_of_views = ViewsDataset(dataset, image_column, views, args.seed, crop_on_device)
     sampler = EpochBatchSampler(
         len(dataset), batch_size, accelerator.num_processes, accelerator.process_index, args.seed, state.epoch,
         start_batch=state.batches_in_epoch, max_batches=state.steps_per_epoch * args.gradient_accumulation_steps,
     )
     return torch.utils.data.DataLoader(
-        ViewsDataset(dataset, image_column, views, args.seed, crop_on_device), batch_sampler=sampler,
+        dataset_of_views, batch_sampler=sampler,
         collate_fn=collate_views, num_workers=args.dataloader_num_workers, generator=generator,
     )
 
@@ -529,6 +605,10 @@ def _sum_across(accelerator: Accelerator, value: int) -> int:
 
 def run_knn(args, encoder, accelerator: Accelerator, max_bank: int | None) -> float | None:
     """Weighted k-NN top-1 of `encoder` on --eval_split with --train_split as the bank (main process only)."""
+    if args.modality == "video":
+        logger.info("No online k-NN for videos: evaluate clips with `training/evaluate.py retrieval --modality video`.")
+        accelerator.wait_for_everyone()
+        return None
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None

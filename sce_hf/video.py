@@ -1,0 +1,813 @@
+"""Video input for SCE: decoding, clip sampling, random temporal difference, the video processor, and clip-level
+feature extraction with the authors' test protocol (SCE_SPEC §3.5, §5).
+
+Sources (`open_video`): video files or bytes decoded with PyAV (a `datasets` `Video(decode=False)` value
+`{"bytes", "path"}`, a path, raw bytes), folders of extracted frames (sorted by name, at `frame_rate` frames per
+second), and in-memory frames (a `(T, H, W, 3)` uint8 array or a list of PIL images / arrays). torchvision is never
+used; torchcodec (the decoder behind `datasets`' decoded `Video` feature) is not needed.
+
+Clips (SCE_SPEC §5.1): a clip covers `clip_duration` seconds from a start drawn uniformly in
+[0, max(duration − clip_duration, 0)]; its `num_frames` frames are taken uniformly over the frames decoded in that
+window (`clip_frame_indices`, pytorchvideo's UniformTemporalSubsample). A video **shorter than a clip** gives a clip
+that starts at 0 and covers the whole video, its frames spread uniformly over the frames there are (repeated when
+there are fewer than `num_frames`). A video with fewer than `min_frames` decodable frames in the window, or none at
+all, is a `BadVideoError`: training skips and counts it, as unreadable images are.
+
+Randomness comes from the per-sample seed of `sce_hf.augmentations.make_sample_seeds`: clip v's start and its temporal
+difference draw come from `clip_generator(seed, v)`, its crop box from `view_generator(seed, v)` (the stream the
+device augmentation continues), so a sample's clips do not depend on the batch, the worker or the process count.
+
+Layout: frames are decoded channel-last `(T, H, W, 3)` uint8; what the data pipeline hands over is `(T, 3, s, s)`
+uint8 per clip, and the model takes `pixel_values` `(B, T, 3, s, s)` (SCEVideoProcessor, or the batched device
+augmentations, which draw one set of random parameters per clip, shared by its frames).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers.feature_extraction_utils import BatchFeature
+
+from .augmentations import KINETICS_MEAN, KINETICS_STD, ViewRecipe, make_sample_seeds, mix_seed, sample_crop_box, view_generator
+from .data import SampleRef
+from .image_processing_sce import SCEImageProcessor
+
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv")
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_COLUMN_FALLBACKS = ("video", "videos", "clip", "path", "file")
+DEFAULT_FRAME_RATE = 30.0  # pre-extracted Kinetics / HMDB51 frames; UCF101's are 25 fps (SCE_SPEC §5.1)
+_CLIP_STREAM = 0x5CE_C11  # separates the clip-start / temporal-difference draws from the crop and colour ones
+_EPS = 1e-6
+
+
+class BadVideoError(ValueError):
+    """A video that cannot be decoded, or has too few frames for a clip."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _frame_to_array(frame) -> np.ndarray:
+    if isinstance(frame, Image.Image):
+        return np.asarray(frame.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(frame)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise BadVideoError(f"a frame must be (H, W, 3), got shape {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3]).astype(np.uint8, copy=False)
+
+
+class _Frames:
+    """In-memory frames at `frame_rate`; frame i covers [i / fps, (i + 1) / fps)."""
+
+    def __init__(self, frames, frame_rate: float):
+        self._frames = frames
+        self.frame_rate = float(frame_rate)
+        self.duration = len(frames) / self.frame_rate
+
+    def _load(self, index: int) -> np.ndarray:
+        return _frame_to_array(self._frames[index])
+
+    def window(self, start: float, end: float) -> _LazyWindow:
+        first = max(0, math.ceil(start * self.frame_rate - _EPS))
+        last = min(len(self._frames), math.ceil(end * self.frame_rate - _EPS))
+        return _LazyWindow(self._load, range(first, max(first, last)))
+
+    def close(self) -> None:
+        pass
+
+
+class _FrameFolder(_Frames):
+    """A folder of extracted frames (image files sorted by name, natural order)."""
+
+    def __init__(self, path: str, frame_rate: float):
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)), key=_natural_key)
+        super().__init__([os.path.join(path, n) for n in names], frame_rate)
+
+    def _load(self, index: int) -> np.ndarray:
+        try:
+            with Image.open(self._frames[index]) as image:
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except Exception as error:  # PIL raises many types for broken files
+            raise BadVideoError(f"frame {self._frames[index]}: {type(error).__name__}: {error}") from error
+
+
+class _LazyWindow:
+    """Frames of a window, loaded on first access (a frame folder reads only the frames a clip uses)."""
+
+    def __init__(self, load: Callable[[int], np.ndarray], indices: range):
+        self._load, self._indices, self._cache = load, indices, {}
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i not in self._cache:
+            self._cache[i] = self._load(self._indices[i])
+        return self._cache[i]
+
+
+def yuv420p_to_rgb(planes: np.ndarray, bt709: bool = False, full_range: bool = False) -> np.ndarray:
+    """YUV 4:2:0 planes as PyAV's `to_ndarray()` stacks them (`(3H/2, W)`: Y, then U and V) → RGB `(H, W, 3)` uint8.
+
+    BT.601 (or BT.709) coefficients, limited (16-235) or full range, chroma repeated 2x2. It agrees with swscale's
+    default conversion to within a few levels and is ~10x faster than a per-frame `reformat`, which dominates the
+    decoding of small clips.
+    """
+    height, width = planes.shape[0] * 2 // 3, planes.shape[1]
+    y = planes[:height].astype(np.float32)
+    chroma = planes[height:].reshape(2, height // 2, width // 2).astype(np.float32) - 128.0
+    u, v = (np.repeat(np.repeat(c, 2, axis=0), 2, axis=1) for c in chroma)
+    if not full_range:
+        y = (y - 16.0) * (255.0 / 219.0)
+        u, v = u * (255.0 / 224.0), v * (255.0 / 224.0)
+    kr, kb = (0.2126, 0.0722) if bt709 else (0.299, 0.114)
+    r = y + 2.0 * (1.0 - kr) * v
+    b = y + 2.0 * (1.0 - kb) * u
+    g = (y - kr * r - kb * b) / (1.0 - kr - kb)
+    return np.rint(np.stack([r, g, b], axis=-1)).clip(0, 255).astype(np.uint8)
+
+
+class _PyAVVideo:
+    """A video file decoded with PyAV; frame times are presentation times relative to the stream start."""
+
+    def __init__(self, source):
+        import av
+
+        self._source = source
+        try:
+            self._container = av.open(source)
+        except (av.error.FFmpegError, OSError, ValueError) as error:
+            raise BadVideoError(f"cannot open the video: {type(error).__name__}: {error}") from error
+        if not self._container.streams.video:
+            self._container.close()
+            raise BadVideoError("the file has no video stream")
+        self._stream = self._container.streams.video[0]
+        self._time_base = float(self._stream.time_base)
+        self._start_pts = self._stream.start_time or 0
+        if self._stream.duration:
+            self.duration = float(self._stream.duration * self._stream.time_base)
+        elif self._container.duration:
+            self.duration = self._container.duration / av.time_base
+        else:  # no metadata: decode once
+            self.duration = len(self._decode(0.0, math.inf, seek=False)) / float(self._stream.average_rate or DEFAULT_FRAME_RATE)
+
+    def _decode(self, start: float, end: float, seek: bool = True) -> list:
+        """The decoded `av.VideoFrame`s of [start, end), still in their pixel format (converted when used)."""
+        import av
+
+        frames = []
+        try:
+            if seek and start > 0:
+                self._container.seek(self._start_pts + int(start / self._time_base), stream=self._stream, backward=True)
+            elif seek:
+                self._container.seek(self._start_pts, stream=self._stream, backward=True)
+            for frame in self._container.decode(self._stream):
+                if frame.pts is None:
+                    continue
+                time = (frame.pts - self._start_pts) * self._time_base
+                if time < start - _EPS:
+                    continue
+                if time >= end - _EPS:
+                    break
+                frames.append(frame)
+        except (av.error.FFmpegError, OSError, ValueError) as error:
+            raise BadVideoError(f"decoding failed: {type(error).__name__}: {error}") from error
+        return frames
+
+    def window(self, start: float, end: float) -> _LazyWindow:
+        frames = self._decode(start, end)
+        if not frames:  # metadata overstating the duration, or a seek that went wrong: decode from the start
+            every = self._decode(0.0, math.inf)
+            if not every:
+                raise BadVideoError("the video has no decodable frame")
+            rate = len(every) / max(self.duration, _EPS)
+            first = min(int(start * rate), len(every) - 1)
+            frames = every[first : max(first + 1, int(math.ceil(end * rate)))]
+        return _LazyWindow(lambda i: self._to_rgb(frames[i]), range(len(frames)))
+
+    @staticmethod
+    def _to_rgb(frame) -> np.ndarray:
+        import av
+
+        try:
+            if frame.format.name in ("yuv420p", "yuvj420p") and frame.width % 2 == 0 and frame.height % 2 == 0:
+                bt709 = getattr(frame, "colorspace", None) == 1  # AVCOL_SPC_BT709; unspecified means BT.601
+                full_range = getattr(frame, "color_range", None) == 2 or frame.format.name == "yuvj420p"  # AVCOL_RANGE_JPEG
+                return yuv420p_to_rgb(frame.to_ndarray(), bt709, full_range)
+            return frame.reformat(format="rgb24").to_ndarray()  # (H, W, 3)
+        except (av.error.FFmpegError, ValueError) as error:
+            raise BadVideoError(f"frame conversion failed: {type(error).__name__}: {error}") from error
+
+    def close(self) -> None:
+        self._container.close()
+
+
+def write_video(path: str, frames: np.ndarray, frame_rate: float = 25.0, codec: str = "libx264", crf: int = 18) -> None:
+    """Write `(T, H, W, 3)` uint8 frames as a video file with PyAV (H.264 in yuv420p by default; even H and W)."""
+    import av
+    from fractions import Fraction
+
+    frames = np.asarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"`frames` must be (T, H, W, 3) uint8, got shape {frames.shape}.")
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(frame_rate).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def open_video(value, frame_rate: float = DEFAULT_FRAME_RATE):
+    """Open any video value of a dataset row.
+
+    Args:
+        value: a `{"bytes", "path"}` dict (`datasets.Video(decode=False)`), a path to a video file or to a folder of
+            frames, raw bytes of a video file, a `(T, H, W, 3)` uint8 array, or a list of frames (PIL or arrays).
+        frame_rate: frames per second of frame folders and in-memory frames.
+
+    Returns:
+        an object with `duration` (seconds), `window(start, end)` (the frames of [start, end), each `(H, W, 3)`
+        uint8) and `close()`.
+
+    Raises:
+        BadVideoError: the value cannot be opened.
+    """
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return _PyAVVideo(io.BytesIO(value["bytes"]))
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return _PyAVVideo(io.BytesIO(bytes(value)))
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if os.path.isdir(path):
+            folder = _FrameFolder(path, frame_rate)
+            if not folder.duration:
+                raise BadVideoError(f"{path} holds no frame ({', '.join(FRAME_EXTENSIONS)})")
+            return folder
+        if not os.path.isfile(path):
+            raise BadVideoError(f"{path}: no such file or folder")
+        return _PyAVVideo(path)
+    if isinstance(value, (np.ndarray, torch.Tensor, list, tuple)) and len(value):
+        return _Frames(value.numpy() if isinstance(value, torch.Tensor) else value, frame_rate)
+    raise BadVideoError(f"not a video value: {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clips
+
+
+def sample_clip_starts(duration: float, clip_duration: float, num_clips: int, generator: torch.Generator) -> list[float]:
+    """Independent clip starts, each uniform in [0, max(duration − clip_duration, 0)] (SCE_SPEC §5.1)."""
+    max_start = max(duration - clip_duration, 0.0)
+    return [float(u) * max_start for u in torch.rand(num_clips, generator=generator, dtype=torch.float64)]
+
+
+def evenly_spaced_clip_starts(duration: float, clip_duration: float, num_clips: int) -> list[float]:
+    """The test protocol's clip starts: `num_clips` evenly spaced from 0 to max(duration − clip_duration, 0);
+    one clip is centred."""
+    max_start = max(duration - clip_duration, 0.0)
+    if num_clips == 1:
+        return [max_start / 2]
+    return [max_start * i / (num_clips - 1) for i in range(num_clips)]
+
+
+def clip_frame_indices(num_available: int, num_frames: int) -> list[int]:
+    """`num_frames` indices spread uniformly over `num_available` frames: `linspace(0, n − 1, num_frames)` truncated
+    (pytorchvideo's UniformTemporalSubsample). With fewer frames than asked, frames repeat."""
+    if num_available < 1 or num_frames < 1:
+        raise ValueError(f"need at least one frame and one index, got {num_available} frames for {num_frames} indices.")
+    positions = torch.linspace(0, num_available - 1, num_frames, dtype=torch.float64)
+    return positions.clamp(0, num_available - 1).long().tolist()
+
+
+def _grayscale(frame: np.ndarray) -> np.ndarray:
+    # torchvision's rgb_to_grayscale on uint8 (ITU-R 601-2 weights, truncated back to uint8), as the authors apply it.
+    gray = 0.2989 * frame[..., 0] + 0.587 * frame[..., 1] + 0.114 * frame[..., 2]
+    return np.floor(gray).clip(0, 255)
+
+
+def temporal_difference(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """The authors' temporal difference (SCE_SPEC §3.5): grayscale, signed difference of each frame with the next,
+    mapped to [0, 255] as round((d + 255) / 2); the last frame repeats the last difference; one frame gives 127.5
+    rounded (mid-grey). Returns `(T, H, W, 3)` uint8."""
+    gray = np.stack([_grayscale(f) for f in frames]).astype(np.float32)  # (T, H, W)
+    out = np.zeros_like(gray) if len(frames) == 1 else np.empty_like(gray)
+    if len(frames) > 1:
+        out[:-1] = gray[:-1] - gray[1:]
+        out[-1] = out[-2]
+    out = np.round((out + 255.0) / 2.0).clip(0, 255).astype(np.uint8)
+    return np.repeat(out[..., None], 3, axis=-1)
+
+
+def read_clip(
+    video, start: float, clip_duration: float, num_frames: int, temporal_diff: bool = False, min_frames: int = 1
+) -> np.ndarray:
+    """The `num_frames` frames of the clip [start, start + clip_duration) of an opened video, `(T, H, W, 3)` uint8.
+
+    With `temporal_diff`, frame i becomes the temporal difference of raw frames i and i + 1 of the window (before
+    subsampling, as the authors' PyAV pipeline computes it), the last one repeating the last difference.
+
+    Raises:
+        BadVideoError: fewer than `min_frames` frames in the window (a video too short).
+    """
+    window = video.window(start, start + clip_duration)
+    if len(window) < max(1, min_frames):
+        raise BadVideoError(
+            f"{len(window)} frame(s) in the clip [{start:.3g}, {start + clip_duration:.3g}) s of a video of "
+            f"{video.duration:.3g} s; at least {max(1, min_frames)} needed"
+        )
+    indices = clip_frame_indices(len(window), num_frames)
+    if not temporal_diff:
+        return np.stack([window[i] for i in indices])
+    if len(window) == 1:
+        return temporal_difference([window[0]])[[0] * num_frames]
+    pairs = [(i, i + 1) if i + 1 < len(window) else (i - 1, i) for i in indices]
+    return np.stack([temporal_difference([window[a], window[b]])[0] for a, b in pairs])
+
+
+def clip_generator(sample_seed: int, clip: int) -> torch.Generator:
+    """The CPU generator of clip `clip`'s start and temporal-difference draw (not the crop/colour stream)."""
+    return torch.Generator().manual_seed(mix_seed(sample_seed, clip, _CLIP_STREAM))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spatial transforms of clips (CPU, PIL bilinear with antialiasing)
+
+
+def _to_tensor(frames: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
+
+
+def resized_crop_clip(frames: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """Crop the same box `(top, left, h, w)` from every frame and resize it to `size` x `size`: uint8 (T, 3, s, s)."""
+    top, left, h, w = box
+    return _to_tensor([
+        np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+        for f in frames
+    ])
+
+
+def short_side_resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resize every frame so its shorter side is `size` (the longer one floor-scaled, as pytorchvideo)."""
+    height, width = frames.shape[1:3]
+    if (min(height, width)) == size:
+        return frames
+    if width < height:
+        new_w, new_h = size, int(math.floor(height / width * size))
+    else:
+        new_w, new_h = int(math.floor(width / height * size)), size
+    return np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BILINEAR)) for f in frames])
+
+
+def uniform_crop(frames: np.ndarray, size: int, spatial_index: int) -> np.ndarray:
+    """pytorchvideo's uniform crop: a `size` square at the start (0), centre (1) or end (2) of the longer side."""
+    height, width = frames.shape[1:3]
+    top, left = int(math.ceil((height - size) / 2)), int(math.ceil((width - size) / 2))
+    if height > width:
+        top = {0: 0, 1: top, 2: height - size}[spatial_index]
+    else:
+        left = {0: 0, 1: left, 2: width - size}[spatial_index]
+    return frames[:, top : top + size, left : left + size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def load_video_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+):
+    """One split of a video dataset, as a `datasets.Dataset` whose video column holds undecoded values.
+
+    Args:
+        dataset_name: anything `sce_hf.data.load_image_dataset` reads (a Hub id, a `save_to_disk` folder, data files)
+            with a `datasets.Video` column (cast to `Video(decode=False)`: PyAV decodes) or a column of paths/bytes.
+        train_dir: a folder `ROOT/[SPLIT/]CLASS/VIDEO`, each VIDEO a video file or a folder of frames; `ROOT/SPLIT`
+            is used when it exists, else `ROOT` itself for the split "train". Gives the columns `video` (paths)
+            and `label` (a `ClassLabel` of the class folders).
+
+    Raises:
+        ValueError: no source or two, a missing split folder, or no video found.
+    """
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    if (dataset_name is None) == (train_dir is None):
+        raise ValueError("Give exactly one data source: `--dataset_name NAME_OR_PATH` or `--train_dir FOLDER`.")
+    if dataset_name is not None:
+        from .data import load_image_dataset
+
+        dataset = load_image_dataset(dataset_name, dataset_config_name, None, split, False, cache_dir)
+        return without_video_decoding(dataset)
+    if not os.path.isdir(train_dir):
+        raise ValueError(f"`--train_dir` {train_dir!r} is not a folder.")
+    root = os.path.join(train_dir, split)
+    if not os.path.isdir(root):
+        if split != "train":
+            raise ValueError(f"No folder for the split {split!r} in {train_dir} (expected {root}/CLASS/VIDEO).")
+        root = train_dir
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(root, name)
+        for entry in sorted(os.listdir(class_dir), key=_natural_key):
+            path = os.path.join(class_dir, entry)
+            if entry.lower().endswith(VIDEO_EXTENSIONS) or os.path.isdir(path):
+                paths.append(path)
+                labels.append(label)
+    if not paths:
+        raise ValueError(
+            f"No video in {root}: expected CLASS/VIDEO entries, each a video file ({', '.join(VIDEO_EXTENSIONS)}) or a "
+            "folder of frames."
+        )
+    features = Features({"video": Value("string"), "label": ClassLabel(names=classes)})
+    return Dataset.from_dict({"video": paths, "label": labels}, features=features)
+
+
+def without_video_decoding(dataset, column: str | None = None):
+    """The dataset with its `datasets.Video` columns left as `{"bytes", "path"}`, so PyAV decodes in the workers."""
+    from datasets import Video
+
+    features = dataset.features or {}
+    for name, feature in features.items():
+        if isinstance(feature, Video) and (column is None or name == column) and feature.decode:
+            dataset = dataset.cast_column(name, Video(decode=False))
+    return dataset
+
+
+def load_clip_sample(
+    value,
+    ref: SampleRef,
+    seed: int,
+    views: Sequence[ViewRecipe],
+    num_frames: int,
+    clip_duration: float,
+    temporal_difference_p: float = 0.0,
+    frame_rate: float = DEFAULT_FRAME_RATE,
+    min_frames: int = 1,
+    short_side_range: tuple[int, int] | None = None,
+) -> dict:
+    """Decode one video into one cropped clip per view; `{"bad": reason}` for an unreadable or too short video.
+
+    Clip v: start from `clip_generator(seed, v)` (then the temporal-difference draw, probability
+    `temporal_difference_p`), frames `(T, 3, s_v, s_v)` uint8 cropped with one box for all frames: a
+    RandomResizedCrop box of the view's recipe from `view_generator(seed, v)` (pretraining, SCE_SPEC §3.5), or with
+    `short_side_range` a random short-side scale in that range and a random `s_v` square (linear evaluation and
+    fine-tuning, SCE_SPEC §5.3).
+    """
+    sample_seed = int(make_sample_seeds(seed, ref.epoch, [ref.index])[0])
+    try:
+        video = open_video(value, frame_rate)
+        try:
+            clips = []
+            for v, recipe in enumerate(views):
+                generator = clip_generator(sample_seed, v)
+                (start,) = sample_clip_starts(video.duration, clip_duration, 1, generator)
+                diff = bool(torch.rand(1, generator=generator).item() < temporal_difference_p)
+                frames = read_clip(video, start, clip_duration, num_frames, diff, min_frames)
+                crop_stream = view_generator(sample_seed, v)
+                if short_side_range is None:
+                    box = sample_crop_box(frames.shape[1], frames.shape[2], recipe.crop_scale, recipe.crop_ratio, crop_stream)
+                    clips.append(resized_crop_clip(frames, box, recipe.crop_size))
+                else:
+                    short = int(torch.randint(short_side_range[0], short_side_range[1] + 1, (1,), generator=crop_stream))
+                    frames = short_side_resize(frames, max(short, recipe.crop_size))
+                    top = int(torch.randint(0, frames.shape[1] - recipe.crop_size + 1, (1,), generator=crop_stream))
+                    left = int(torch.randint(0, frames.shape[2] - recipe.crop_size + 1, (1,), generator=crop_stream))
+                    clips.append(_to_tensor(frames[:, top : top + recipe.crop_size, left : left + recipe.crop_size]))
+        finally:
+            video.close()
+    except BadVideoError as error:
+        return {"bad": str(error), "index": ref.index}
+    return {"seed": sample_seed, "index": ref.index, "views": clips}
+
+
+def sequential_batches(num_samples: int, batch_size: int, epoch: int = 0) -> list[list[SampleRef]]:
+    """Every sample once, in order, in batches of at most `batch_size` (a `batch_sampler` for feature extraction)."""
+    return [[SampleRef(epoch, i) for i in range(s, min(s + batch_size, num_samples))] for s in range(0, num_samples, batch_size)]
+
+
+def clip_loader(dataset, video_column: str, recipe: ViewRecipe, batch_sampler, *, num_frames: int, clip_duration: float,
+                short_side_range: tuple[int, int], seed: int, frame_rate: float = DEFAULT_FRAME_RATE,
+                num_workers: int = 0, generator: torch.Generator | None = None):
+    """Random training clips for linear evaluation and fine-tuning (SCE_SPEC §5.3): per video one random clip,
+    a random short-side scale in `short_side_range`, a random `recipe.crop_size` square; batches as
+    `sce_hf.data.collate_views` makes them (`views`: a list of one `(B, T, 3, s, s)` uint8 tensor, `indices`,
+    `sample_seeds`, `num_bad`), to finish with `SCEAugmentation([recipe])` on the device (flip, colour)."""
+    from .data import collate_views
+
+    clips = ClipViewsDataset(dataset, video_column, [recipe], seed, num_frames, clip_duration, 0.0, frame_rate,
+                             short_side_range=short_side_range)
+    return torch.utils.data.DataLoader(clips, batch_sampler=batch_sampler, collate_fn=collate_views,
+                                       num_workers=num_workers, generator=generator)
+
+
+class ClipViewsDataset(torch.utils.data.Dataset):
+    """Map-style: `SampleRef` → one cropped uint8 clip `(T, 3, s, s)` per view of one video (`load_clip_sample`),
+    or a bad-video marker; batches with `sce_hf.data.collate_views` into a list of V `(B, T, 3, s, s)` tensors."""
+
+    def __init__(self, dataset, video_column: str, views: Sequence[ViewRecipe], seed: int, num_frames: int,
+                 clip_duration: float, temporal_difference_p: float = 0.0, frame_rate: float = DEFAULT_FRAME_RATE,
+                 min_frames: int = 1, short_side_range: tuple[int, int] | None = None):
+        self.dataset = without_video_decoding(dataset, video_column)
+        self.video_column = video_column
+        self.kwargs = dict(views=list(views), num_frames=num_frames, clip_duration=clip_duration,
+                           temporal_difference_p=temporal_difference_p, frame_rate=frame_rate, min_frames=min_frames,
+                           short_side_range=short_side_range)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, ref: SampleRef) -> dict:
+        return load_clip_sample(self.dataset[ref.index][self.video_column], ref, self.seed, **self.kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processor
+
+
+def _as_clips(videos) -> list[list]:
+    """One clip or a batch of clips → a list of clips, each a list of frames."""
+    if isinstance(videos, torch.Tensor):
+        videos = videos.numpy()
+    if isinstance(videos, np.ndarray):
+        if videos.ndim == 4:
+            return [list(videos)]
+        if videos.ndim == 5:
+            return [list(clip) for clip in videos]
+        raise ValueError(f"Video arrays must be (T, H, W, C) or (B, T, H, W, C), got shape {videos.shape}.")
+    if isinstance(videos, Image.Image):
+        return [[videos]]
+    if isinstance(videos, (list, tuple)) and videos:
+        first = videos[0]
+        if isinstance(first, (list, tuple)) or (isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 4):
+            return [list(clip.numpy() if isinstance(clip, torch.Tensor) else clip) for clip in videos]
+        return [list(videos)]
+    raise ValueError(f"`videos` must be a clip (a list of frames, or a (T, H, W, C) array) or a list of clips, got {type(videos).__name__}.")
+
+
+class SCEVideoProcessor(SCEImageProcessor):
+    r"""
+    Prepares clips for an SCE video encoder: every frame goes through the image pipeline of [`SCEImageProcessor`]
+    (RGB, bilinear resize of the shorter side, centre crop, rescale, normalise) and the frames of a clip are stacked:
+    `pixel_values` of shape `(batch, frames, 3, height, width)`. PIL/numpy only (transformers' video processors need
+    torchvision). It does not sample frames: give it the frames of a clip (`read_clip`); `num_frames`,
+    `clip_duration`, `num_clips` and `num_crops` record the model's clip settings and test protocol.
+
+    The defaults are the Kinetics evaluation of SCE_SPEC §5.3 (shorter side 256, centre 224, mean 0.45, std 0.225).
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> processor = SCEVideoProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    >>> clip = np.zeros((4, 48, 64, 3), dtype=np.uint8)
+    >>> processor(clip, return_tensors="pt")["pixel_values"].shape
+    torch.Size([1, 4, 3, 32, 32])
+    ```
+    """
+
+    _auto_class = None  # not shipped as remote code: this module needs PyAV and the sce_hf package
+    image_mean = list(KINETICS_MEAN)
+    image_std = list(KINETICS_STD)
+
+    def __init__(self, num_frames: int = 8, clip_duration: float = 2.56, num_clips: int = 10, num_crops: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.num_frames = num_frames
+        self.clip_duration = clip_duration
+        self.num_clips = num_clips
+        self.num_crops = num_crops
+
+    def __call__(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
+        clips = _as_clips(videos)
+        lengths = sorted({len(clip) for clip in clips})
+        if len(lengths) != 1 or lengths[0] < 1:
+            raise ValueError(f"Every clip of a batch must have the same, non-zero number of frames, got {lengths}.")
+        frames = [frame.numpy() if isinstance(frame, torch.Tensor) else frame for clip in clips for frame in clip]
+        pixel_values = np.asarray(super().__call__(frames, return_tensors="np", **kwargs)["pixel_values"])
+        pixel_values = pixel_values.reshape(len(clips), lengths[0], *pixel_values.shape[1:])  # (B, T, C, H, W)
+        return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The test protocol: clips x crops per video, features averaged (SCE_SPEC §5.3)
+
+
+def evaluation_views(
+    value,
+    num_frames: int,
+    clip_duration: float,
+    num_clips: int = 10,
+    num_crops: int = 3,
+    short_side: int = 256,
+    crop_size: int | None = None,
+    mean: Sequence[float] = KINETICS_MEAN,
+    std: Sequence[float] = KINETICS_STD,
+    frame_rate: float = DEFAULT_FRAME_RATE,
+) -> torch.Tensor:
+    """The `num_clips x num_crops` test views of one video, clip-major, as float32 `(V, T, 3, s, s)`.
+
+    Clips are evenly spaced (`evenly_spaced_clip_starts`); each is resized to `short_side` on its shorter side and
+    cut into `num_crops` squares of `crop_size` (default: `short_side`, the authors' three 256 x 256 crops) at the
+    start, centre and end of the longer side (one crop: the centre); then scaled to [0, 1] and normalised.
+    """
+    if num_crops not in (1, 3):
+        raise ValueError(f"`num_crops` must be 1 (centre) or 3 (start, centre, end), got {num_crops}.")
+    crop_size = crop_size or short_side
+    video = open_video(value, frame_rate)
+    try:
+        views = []
+        for start in evenly_spaced_clip_starts(video.duration, clip_duration, num_clips):
+            frames = short_side_resize(read_clip(video, start, clip_duration, num_frames), short_side)
+            for index in ([1] if num_crops == 1 else [0, 1, 2]):
+                views.append(_to_tensor(uniform_crop(frames, crop_size, index)))
+    finally:
+        video.close()
+    x = torch.stack(views).float().div_(255.0)  # (V, T, 3, s, s)
+    return (x - torch.tensor(mean).view(1, 1, -1, 1, 1)) / torch.tensor(std).view(1, 1, -1, 1, 1)
+
+
+class _TestViews(torch.utils.data.Dataset):
+    def __init__(self, dataset, video_column: str, kwargs: dict):
+        self.dataset, self.video_column, self.kwargs = without_video_decoding(dataset, video_column), video_column, kwargs
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        try:
+            return evaluation_views(self.dataset[index][self.video_column], **self.kwargs)
+        except BadVideoError as error:
+            raise BadVideoError(f"video {index} of the evaluation set: {error}") from error
+
+
+@torch.no_grad()
+def extract_clip_features(
+    model: torch.nn.Module,
+    dataset,
+    video_column: str = "video",
+    num_frames: int = 8,
+    clip_duration: float = 2.56,
+    num_clips: int = 10,
+    num_crops: int = 3,
+    short_side: int = 256,
+    crop_size: int | None = None,
+    mean: Sequence[float] = KINETICS_MEAN,
+    std: Sequence[float] = KINETICS_STD,
+    frame_rate: float = DEFAULT_FRAME_RATE,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    average: bool = True,
+    progress: bool = True,
+    description: str = "clip features",
+) -> torch.Tensor:
+    """`pooler_output` of a video encoder on the `num_clips x num_crops` test views of every video (`evaluation_views`).
+
+    Returns:
+        float32 on CPU: `(N, feature_dim)`, the mean over each video's views (`average=True`, the retrieval
+        protocol), or `(N, V, feature_dim)` per view (for averaging predictions instead).
+
+    Raises:
+        BadVideoError: a video of the set cannot be read (evaluation sets must be complete).
+    """
+    kwargs = dict(num_frames=num_frames, clip_duration=clip_duration, num_clips=num_clips, num_crops=num_crops,
+                  short_side=short_side, crop_size=crop_size, mean=mean, std=std, frame_rate=frame_rate)
+    loader = torch.utils.data.DataLoader(_TestViews(dataset, video_column, kwargs), batch_size=None, num_workers=num_workers)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_video: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if pending:
+            views = torch.cat(pending)
+            sizes = [p.shape[0] for p in pending]
+            pending.clear()
+            output = model(pixel_values=views.to(device))
+            pooled = (output.pooler_output if hasattr(output, "pooler_output") else output[1]).flatten(1).float().cpu()
+            per_video.extend(pooled.split(sizes))
+
+    try:
+        for views in tqdm(loader, desc=description, disable=not progress, leave=False):
+            pending.append(views)
+            if sum(p.shape[0] for p in pending) >= batch_size:
+                flush()
+        flush()
+    finally:
+        model.train(was_training)
+    features = torch.stack(per_video)  # (N, V, d)
+    return features.mean(dim=1) if average else features
+
+
+def linear_probe_on_clip_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_view_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    epochs: int = 100,
+    batch_size: int = 256,
+    learning_rate: float = 0.1,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A linear layer on cached features of training clips, tested with the softmax predictions averaged over each
+    test video's views (SCE_SPEC §5.3). Features are standardised with the training mean and std; SGD (momentum 0.9,
+    lr = `learning_rate` x batch / 256, cosine).
+
+    Args:
+        train_features (`(N, d)`), train_labels (`(N,)`): one row per training clip.
+        test_view_features (`(Q, V, d)`), test_labels (`(Q,)`): V views per test video.
+
+    Returns:
+        `top1`, `top5` (in [0, 1]) of the view-averaged predictions.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = train_features.mean(dim=0), train_features.std(dim=0).clamp_min(1e-6)
+    train_x, test_x = (train_features - mean) / std, (test_view_features - mean) / std
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    head = torch.nn.Linear(train_x.shape[1], num_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    batch_size = min(batch_size, train_x.shape[0])
+    optimizer = torch.optim.SGD(head.parameters(), lr=learning_rate * batch_size / 256, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, train_x.shape[0] // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(train_x.shape[0], generator=generator)
+        for step in range(steps_per_epoch):
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            loss = F.cross_entropy(head(train_x[batch]), train_labels[batch].long())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        probabilities = head(test_x).softmax(dim=-1).mean(dim=1)  # (Q, classes), averaged over the views
+    top5 = probabilities.topk(min(5, num_classes), dim=1).indices
+    return {
+        "top1": (probabilities.argmax(dim=1) == test_labels.long()).float().mean().item(),
+        "top5": (top5 == test_labels.long()[:, None]).any(dim=1).float().mean().item(),
+    }
+
+
+__all__ = [
+    "BadVideoError",
+    "ClipViewsDataset",
+    "DEFAULT_FRAME_RATE",
+    "SCEVideoProcessor",
+    "VIDEO_COLUMN_FALLBACKS",
+    "clip_frame_indices",
+    "clip_generator",
+    "clip_loader",
+    "evenly_spaced_clip_starts",
+    "extract_clip_features",
+    "linear_probe_on_clip_features",
+    "load_clip_sample",
+    "load_video_dataset",
+    "open_video",
+    "read_clip",
+    "resized_crop_clip",
+    "sample_clip_starts",
+    "sequential_batches",
+    "short_side_resize",
+    "temporal_difference",
+    "evaluation_views",
+    "uniform_crop",
+    "without_video_decoding",
+    "write_video",
+    "yuv420p_to_rgb",
+]
