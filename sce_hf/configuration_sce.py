@@ -18,16 +18,17 @@ _MOMENTUM_SCHEDULES = ("cosine", "constant")
 _LOSS_FUNCTIONS = ("sce", "ressl")
 
 # Head sizes of SCE_SPEC §2.1, per preset. The encoder architecture of each preset is in `_preset_backbone`.
+_RESNET50_HEADS: dict[str, Any] = dict(
+    projector_hidden_size=4096,
+    projector_output_size=256,
+    projector_num_layers=3,
+    projector_last_batchnorm=True,
+    projector_last_bias=False,
+    predictor_hidden_size=4096,
+    predictor_num_layers=2,
+)
 _PRESET_HEADS: dict[str, dict[str, Any]] = {
-    "resnet50": dict(
-        projector_hidden_size=4096,
-        projector_output_size=256,
-        projector_num_layers=3,
-        projector_last_batchnorm=True,
-        projector_last_bias=False,
-        predictor_hidden_size=4096,
-        predictor_num_layers=2,
-    ),
+    "resnet50": _RESNET50_HEADS,
     # The authors' CIFAR-10 heads (their first code release): 512 -> 512 -> 128 with a bias, no predictor.
     "resnet18": dict(
         projector_hidden_size=512,
@@ -38,25 +39,9 @@ _PRESET_HEADS: dict[str, dict[str, Any]] = {
         predictor_hidden_size=512,
         predictor_num_layers=0,
     ),
-    # Video (SCE_SPEC §2.1): R3D-18 512 -> 1024 -> 1024 -> 256, predictor 256 -> 1024 -> 256; R3D-50 as ResNet-50.
-    "r3d18": dict(
-        projector_hidden_size=1024,
-        projector_output_size=256,
-        projector_num_layers=3,
-        projector_last_batchnorm=True,
-        projector_last_bias=False,
-        predictor_hidden_size=1024,
-        predictor_num_layers=2,
-    ),
-    "r3d50": dict(
-        projector_hidden_size=4096,
-        projector_output_size=256,
-        projector_num_layers=3,
-        projector_last_batchnorm=True,
-        projector_last_bias=False,
-        predictor_hidden_size=4096,
-        predictor_num_layers=2,
-    ),
+    # Video: R3D-18 512 -> 1024 -> 1024 -> 256 with predictor 256 -> 1024 -> 256; R3D-50 as ResNet-50.
+    "r3d18": {**_RESNET50_HEADS, "projector_hidden_size": 1024, "predictor_hidden_size": 1024},
+    "r3d50": _RESNET50_HEADS,
 }
 PRESETS = ("resnet50", "resnet18", "resnet18-small", "resnet50-small", "r3d18", "r3d50")
 VIDEO_PRESETS = ("r3d18", "r3d50")

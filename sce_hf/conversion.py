@@ -28,7 +28,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -323,8 +323,16 @@ def convert_trunk_state_dict(
     target: Mapping[str, torch.Tensor],
     prefix: str = "trunk.",
     source: str = "checkpoint",
+    *,
+    map_key: Callable[[str], str | None] | None = None,
+    reverse_key: Callable[[str], str | None] | None = None,
+    what: str = "trunk",
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename a torchvision ResNet state dict onto `target` (a state dict with `prefix`-ed transformers names).
+    """Rename a trunk state dict onto `target` (a state dict with `prefix`-ed names of our model).
+
+    `map_key` renames one source key (default: torchvision ResNet → transformers ResNet, `None` for an unknown key);
+    `reverse_key` names a missing target key in the source's naming for the error message (default: the inverse of
+    the default `map_key`; pass `None` to list our names only); `what` names the trunk in errors.
 
     A missing `num_batches_tracked` (some exports drop it; eval mode never reads it) is filled with 0 and reported
     in the second return value; any other missing, unknown or mis-shaped key is an error.
@@ -335,11 +343,12 @@ def convert_trunk_state_dict(
     Raises:
         CheckpointError: listing every unknown source key, missing target key and shape mismatch.
     """
+    if map_key is None:
+        map_key, reverse_key = torchvision_to_transformers_key, reverse_key or transformers_to_torchvision_key
     converted: dict[str, torch.Tensor] = {}
     unknown, mismatched = [], []
-    origin: dict[str, str] = {}
     for key, value in trunk.items():
-        name = torchvision_to_transformers_key(key)
+        name = map_key(key)
         if name is None or prefix + name not in target:
             unknown.append(key)
             continue
@@ -348,7 +357,6 @@ def convert_trunk_state_dict(
             mismatched.append(f"{key} {tuple(value.shape)} -> {prefix + name} {tuple(expected.shape)}")
             continue
         converted[prefix + name] = value.detach().to(expected.dtype).contiguous()
-        origin[prefix + name] = key
     missing = [key for key in target if key.startswith(prefix) and key not in converted]
     filled = [key for key in missing if key.endswith("num_batches_tracked")]
     missing = [key for key in missing if key not in filled]
@@ -357,12 +365,12 @@ def convert_trunk_state_dict(
         hint = " (`fc.*` is a classifier: export the trunk alone)" if any(k.startswith("fc.") for k in unknown) else ""
         problems.append(f"{len(unknown)} unknown key(s){hint}: {unknown}")
     if missing:
-        named = [f"{transformers_to_torchvision_key(k[len(prefix):]) or '?'} (ours: {k})" for k in missing]
+        named = [f"{reverse_key(k[len(prefix):]) or '?'} (ours: {k})" for k in missing] if reverse_key else missing
         problems.append(f"{len(missing)} missing key(s): {named}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched}")
     if problems:
-        raise CheckpointError(f"{source}: the trunk does not map onto the model; " + "; ".join(problems))
+        raise CheckpointError(f"{source}: the {what} does not map onto the model; " + "; ".join(problems))
     for key in filled:
         converted[key] = torch.zeros(target[key].shape, dtype=target[key].dtype)
     return converted, filled

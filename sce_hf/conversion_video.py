@@ -40,6 +40,7 @@ from .conversion import (
     CheckpointError,
     ConversionResult,
     OfficialCheckpoint,
+    convert_trunk_state_dict,
     infer_head_config,
     load_checkpoint,
     map_head_state_dict,
@@ -133,31 +134,9 @@ def convert_video_trunk_state_dict(
     Raises:
         CheckpointError: listing every unknown source key, missing target key and shape mismatch.
     """
-    converted: dict[str, torch.Tensor] = {}
-    unknown, mismatched = [], []
-    for key, value in trunk.items():
-        name = pytorchvideo_to_sce_key(key)
-        if name is None or prefix + name not in target:
-            unknown.append(key)
-            continue
-        expected = target[prefix + name]
-        if tuple(value.shape) != tuple(expected.shape):
-            mismatched.append(f"{key} {tuple(value.shape)} -> {prefix + name} {tuple(expected.shape)}")
-            continue
-        converted[prefix + name] = value.detach().to(expected.dtype).contiguous()
-    missing = [k for k in target if k.startswith(prefix) and k not in converted]
-    for key in [k for k in missing if k.endswith("num_batches_tracked")]:
-        converted[key] = torch.zeros((), dtype=torch.long)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} unknown key(s): {unknown}")
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {missing}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched}")
-    if problems:
-        raise CheckpointError(f"{source}: the R3D trunk does not map onto ours; " + "; ".join(problems))
+    converted, _ = convert_trunk_state_dict(
+        trunk, target, prefix, source, map_key=pytorchvideo_to_sce_key, reverse_key=None, what="R3D trunk"
+    )
     return converted
 
 

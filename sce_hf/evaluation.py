@@ -196,7 +196,9 @@ def linear_probe_on_features(
 
     Args:
         train_features (`torch.Tensor` of shape `(N, d)`), train_labels (`(N,)`),
-        test_features (`torch.Tensor` of shape `(Q, d)`), test_labels (`(Q,)`).
+        test_features (`torch.Tensor` of shape `(Q, d)`, or `(Q, V, d)` for V views per test item, e.g. the 10 clips
+            x 3 crops of a video: then the softmax predictions are averaged over the views, SCE_SPEC §5.3),
+        test_labels (`(Q,)`).
 
     Returns:
         `dict` with `top1` and `top5` (in [0, 1]) on the test features and the final training loss.
@@ -208,6 +210,7 @@ def linear_probe_on_features(
     head = torch.nn.Linear(train_x.shape[1], num_classes)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
+    batch_size = min(batch_size, train_x.shape[0])
     lr = learning_rate * batch_size / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = max(1, train_x.shape[0] // batch_size)
@@ -224,10 +227,12 @@ def linear_probe_on_features(
             optimizer.step()
             scheduler.step()
     with torch.no_grad():
-        logits = head(test_x)
-    top5 = logits.topk(min(5, num_classes), dim=1).indices
+        scores = head(test_x)  # (Q, classes), or (Q, V, classes)
+        if scores.ndim == 3:
+            scores = scores.softmax(dim=-1).mean(dim=1)  # predictions averaged over each item's views
+    top5 = scores.topk(min(5, num_classes), dim=1).indices
     return {
-        "top1": (logits.argmax(dim=1) == test_labels.long()).float().mean().item(),
+        "top1": (scores.argmax(dim=1) == test_labels.long()).float().mean().item(),
         "top5": (top5 == test_labels.long()[:, None]).any(dim=1).float().mean().item(),
         "train_loss": loss.item(),
     }

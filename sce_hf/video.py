@@ -733,57 +733,6 @@ def extract_clip_features(
     return features.mean(dim=1) if average else features
 
 
-def linear_probe_on_clip_features(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_view_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    epochs: int = 100,
-    batch_size: int = 256,
-    learning_rate: float = 0.1,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> dict[str, float]:
-    """A linear layer on cached features of training clips, tested with the softmax predictions averaged over each
-    test video's views (SCE_SPEC §5.3). Features are standardised with the training mean and std; SGD (momentum 0.9,
-    lr = `learning_rate` x batch / 256, cosine).
-
-    Args:
-        train_features (`(N, d)`), train_labels (`(N,)`): one row per training clip.
-        test_view_features (`(Q, V, d)`), test_labels (`(Q,)`): V views per test video.
-
-    Returns:
-        `top1`, `top5` (in [0, 1]) of the view-averaged predictions.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    mean, std = train_features.mean(dim=0), train_features.std(dim=0).clamp_min(1e-6)
-    train_x, test_x = (train_features - mean) / std, (test_view_features - mean) / std
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    head = torch.nn.Linear(train_x.shape[1], num_classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    batch_size = min(batch_size, train_x.shape[0])
-    optimizer = torch.optim.SGD(head.parameters(), lr=learning_rate * batch_size / 256, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = max(1, train_x.shape[0] // batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(train_x.shape[0], generator=generator)
-        for step in range(steps_per_epoch):
-            batch = order[step * batch_size : (step + 1) * batch_size]
-            loss = F.cross_entropy(head(train_x[batch]), train_labels[batch].long())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    with torch.no_grad():
-        probabilities = head(test_x).softmax(dim=-1).mean(dim=1)  # (Q, classes), averaged over the views
-    top5 = probabilities.topk(min(5, num_classes), dim=1).indices
-    return {
-        "top1": (probabilities.argmax(dim=1) == test_labels.long()).float().mean().item(),
-        "top5": (top5 == test_labels.long()[:, None]).any(dim=1).float().mean().item(),
-    }
-
-
 __all__ = [
     "BadVideoError",
     "ClipViewsDataset",
@@ -795,7 +744,6 @@ __all__ = [
     "clip_loader",
     "evenly_spaced_clip_starts",
     "extract_clip_features",
-    "linear_probe_on_clip_features",
     "load_clip_sample",
     "load_video_dataset",
     "open_video",

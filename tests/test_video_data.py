@@ -10,6 +10,7 @@ from PIL import Image
 
 from sce_hf.augmentations import SCEAugmentation, get_recipe, make_sample_seeds
 from sce_hf.data import SampleRef, collate_views
+from sce_hf.evaluation import linear_probe_on_features
 from sce_hf.video import (
     BadVideoError,
     ClipViewsDataset,
@@ -17,7 +18,6 @@ from sce_hf.video import (
     evaluation_views,
     evenly_spaced_clip_starts,
     extract_clip_features,
-    linear_probe_on_clip_features,
     load_clip_sample,
     load_video_dataset,
     open_video,
@@ -333,7 +333,7 @@ def test_extract_clip_features__averages_the_views_of_each_video(tmp_path):
         torch.testing.assert_close(averaged[i], expected.mean(dim=0), atol=1e-5, rtol=0)
 
 
-def test_linear_probe_on_clip_features__averages_predictions_over_views():
+def test_linear_probe__averages_predictions_over_a_videos_views():
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 8, generator=generator) * 3
     labels = torch.arange(3).repeat(20)
@@ -341,5 +341,5 @@ def test_linear_probe_on_clip_features__averages_predictions_over_views():
     test_labels = torch.arange(3).repeat(4)
     views = centres[test_labels][:, None] + torch.randn(12, 5, 8, generator=generator) * 0.3
     views[:, 0] = -views[:, 0]  # one misleading view of five: the averaged prediction still wins
-    scores = linear_probe_on_clip_features(train, labels, views, test_labels, epochs=30, batch_size=16, learning_rate=1.0)
+    scores = linear_probe_on_features(train, labels, views, test_labels, epochs=30, batch_size=16, learning_rate=1.0, progress=False)
     assert scores["top1"] == 1.0 and scores["top5"] == 1.0

@@ -44,7 +44,7 @@ from sce_hf.evaluation import (
     retrieval_recall_at_k,
 )
 from sce_hf.hub import add_eval_result
-from sce_hf.video import DEFAULT_FRAME_RATE, VIDEO_COLUMN_FALLBACKS, linear_probe_on_clip_features
+from sce_hf.video import DEFAULT_FRAME_RATE, VIDEO_COLUMN_FALLBACKS
 
 
 logger = logging.getLogger("evaluate")
@@ -267,7 +267,7 @@ def main(argv=None) -> list[dict]:
         probe_settings = {"epochs": args.num_train_epochs, "learning_rate": args.learning_rate,
                           "batch_size": args.per_device_eval_batch_size, "weight_decay": args.weight_decay}
         if test_view_features is not None:  # videos: softmax predictions averaged over each test video's views
-            scores = linear_probe_on_clip_features(train_features, train_labels, test_view_features, test_labels,
+            scores = linear_probe_on_features(train_features, train_labels, test_view_features, test_labels,
                                                    args.num_train_epochs, args.per_device_eval_batch_size,
                                                    args.learning_rate, args.weight_decay, args.seed)
         elif args.augment and model is not None:
