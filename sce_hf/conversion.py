@@ -118,6 +118,15 @@ def load_checkpoint(path: str, allow_unsafe_unpickling: bool = False) -> Any:
         ) from None
 
 
+def load_source(path_or_object: Any, allow_unsafe_unpickling: bool = False) -> tuple[str, Any]:
+    """A checkpoint given as a path (loaded with [`load_checkpoint`]) or as an already loaded object, with the name
+    error messages use for it (the file name, or "checkpoint")."""
+    if isinstance(path_or_object, (str, os.PathLike)):
+        path = os.fspath(path_or_object)
+        return os.path.basename(path), load_checkpoint(path, allow_unsafe_unpickling)
+    return "checkpoint", path_or_object
+
+
 def _weights_only_reason(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if "WeightsUnpickler" in line or "Unsupported" in line]
     return " ".join(lines) if lines else _first_line(str(error))
@@ -570,9 +579,7 @@ def convert_official_checkpoint(
     """
     from .modeling_sce import SCEModel
 
-    is_path = isinstance(path_or_object, (str, os.PathLike))
-    source = os.path.basename(os.fspath(path_or_object)) if is_path else "checkpoint"
-    loaded = load_checkpoint(os.fspath(path_or_object), allow_unsafe_unpickling) if is_path else path_or_object
+    source, loaded = load_source(path_or_object, allow_unsafe_unpickling)
     checkpoint = split_checkpoint(loaded, source)
     if include_pretraining and not checkpoint.has_heads:
         raise CheckpointError(
@@ -592,7 +599,7 @@ def convert_official_checkpoint(
 
     info = {
         "source_file": source,
-        "source_sha256": sha256_of(os.fspath(path_or_object)) if is_path else None,
+        "source_sha256": sha256_of(os.fspath(path_or_object)) if isinstance(path_or_object, (str, os.PathLike)) else None,
         "source_format": checkpoint.format,
         "preset": preset,
         "architecture": {

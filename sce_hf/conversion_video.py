@@ -42,7 +42,7 @@ from .conversion import (
     OfficialCheckpoint,
     convert_trunk_state_dict,
     infer_head_config,
-    load_checkpoint,
+    load_source,
     map_head_state_dict,
     sha256_of,
     split_checkpoint,
@@ -177,9 +177,7 @@ def convert_official_video_checkpoint(
     from .modeling_sce import SCEModel
     from .pretraining import SCEForPreTraining
 
-    is_path = isinstance(path_or_object, (str, os.PathLike))
-    source = os.path.basename(os.fspath(path_or_object)) if is_path else "checkpoint"
-    obj = load_checkpoint(os.fspath(path_or_object), allow_unsafe_unpickling) if is_path else path_or_object
+    source, obj = load_source(path_or_object, allow_unsafe_unpickling)
     checkpoint = _read(obj, source)
     if include_pretraining and not checkpoint.has_heads:
         raise CheckpointError(f"{source} has no heads (no `projector.` keys): there is no pretraining state to export.")
@@ -216,7 +214,7 @@ def convert_official_video_checkpoint(
 
     info = {
         "source_file": source,
-        "source_sha256": sha256_of(os.fspath(path_or_object)) if is_path else None,
+        "source_sha256": sha256_of(os.fspath(path_or_object)) if isinstance(path_or_object, (str, os.PathLike)) else None,
         "source_format": checkpoint.format,
         "preset": preset,
         "architecture": {k: v for k, v in config.backbone_config.to_dict().items()
