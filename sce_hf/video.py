@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers.feature_extraction_utils import BatchFeature

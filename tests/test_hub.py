@@ -23,7 +23,6 @@ from PIL import Image
 
 from sce_hf import SCEForPreTraining, SCEImageProcessor, SCEModel
 from sce_hf.hub import (
-    CARD_MARKER,
     PushError,
     add_eval_result,
     export_pretrained,
@@ -31,6 +30,7 @@ from sce_hf.hub import (
     read_eval_results,
     upload_allowlist,
 )
+from sce_hf.model_card import CARD_MARKER
 from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
