@@ -38,10 +38,11 @@ def add_data_args(parser: argparse.ArgumentParser, *, gallery: bool = False) -> 
     group.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N evaluation samples.")
 
 
-def add_hub_args(parser: argparse.ArgumentParser) -> None:
-    """Pushing to the Hugging Face Hub."""
+def add_hub_args(parser: argparse.ArgumentParser, *, push_flag: bool = True) -> None:
+    """Pushing to the Hugging Face Hub (`push_flag`: offer `--push_to_hub`, for scripts whose push is optional)."""
     group = parser.add_argument_group("hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the exported model to the Hub.")
+    if push_flag:
+        group.add_argument("--push_to_hub", action="store_true", help="Upload the exported model to the Hub.")
     group.add_argument("--hub_model_id", type=str, default=None, help="ORG/NAME of the Hub repository.")
     group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the logged-in one).")
     group.add_argument("--hub_private_repo", action="store_true", help="Create the repository as private.")

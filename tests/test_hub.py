@@ -31,7 +31,7 @@ from sce_hf.hub import (
     upload_allowlist,
 )
 from sce_hf.model_card import CARD_MARKER
-from tests.tiny import tiny_config
+from tests.tiny import load_script, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 http = importlib.import_module(HTTPError.__module__.split(".")[0])  # the HTTP client huggingface_hub uses (httpx2 or httpx)
@@ -240,10 +240,14 @@ def test_push__not_an_export(tmp_path):
 
 
 def _push_script():
-    spec = importlib.util.spec_from_file_location("push_to_hub_script", REPO / "training" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("training/push_to_hub.py")
+
+
+def test_push_script__offers_no_push_to_hub_flag(capsys):
+    """Pushing is what the script does: a `--push_to_hub` switch there would only mislead."""
+    with pytest.raises(SystemExit):
+        _push_script().parse_args(["--model_dir", "x", "--hub_model_id", "org/name", "--push_to_hub"])
+    assert "unrecognized arguments: --push_to_hub" in capsys.readouterr().err
 
 
 def test_push_script__dry_run_lists_files_and_prints_the_card(training_output, capsys):

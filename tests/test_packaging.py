@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -33,7 +34,14 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_wheel__ships_the_model_card_template_and_an_installed_package_writes_cards(tmp_path):
-    _run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    # Built from a copy: setuptools leaves build/ next to pyproject.toml, and a stale one would leak into wheels.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("sce_hf", "model_cards"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
           "-w", str(tmp_path / "wheel")], cwd=tmp_path)
     (wheel,) = (tmp_path / "wheel").glob("sce_hf-*.whl")
     with zipfile.ZipFile(wheel) as archive:

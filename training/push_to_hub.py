@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Upload an exported SCE model folder to the Hugging Face Hub.")
     parser.add_argument("--model_dir", type=str, required=True,
                         help="The exported folder (training or conversion output).")
-    add_hub_args(parser)
+    add_hub_args(parser, push_flag=False)  # pushing is what this script does
     parser.add_argument("--revision", type=str, default=None,
                         help="Branch to commit to (created when missing; default main).")
     parser.add_argument("--commit_message", type=str, default="Upload SCE encoder", help="Message of the commit.")
