@@ -242,7 +242,7 @@ def main(argv=None) -> int:
 
     from . import __version__
     from .hub import CONVERSION_FILE, export_pretrained
-    from .video import SCEVideoProcessor
+    from .video_processing_sce import SCEVideoProcessor
 
     try:
         result = convert_official_video_checkpoint(args.checkpoint, args.preset, args.include_pretraining, args.allow_unsafe_unpickling)

@@ -391,4 +391,5 @@ def test_script_hands_video_checkpoints_to_the_video_converter(tmp_path):
     torch.testing.assert_close(features(AutoModel.from_pretrained(out).eval(), clips), features(source, clips), atol=1e-5, rtol=0)
     card = ModelCard.load(out / "README.md")
     assert "video" in card.data.tags and card.data.pipeline_tag is None
-    assert "SCEVideoProcessor.from_pretrained" in card.text and 'pipeline("image-feature-extraction"' not in card.text
+    assert "an SCEVideoProcessor" in card.text and "AutoImageProcessor.from_pretrained" in card.text
+    assert 'pipeline("image-feature-extraction"' not in card.text

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from sce_hf import SCEConfig, SCEForImageClassification, SCEForPreTraining, SCEImageProcessor, SCEModel
 from sce_hf.modeling_resnet3d import R3DConfig, R3DModel, to_conv3d_layout
@@ -225,8 +225,9 @@ _REMOTE_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.modules["sce_hf"] = None  # this process must not be able to import the package
+    import numpy as np
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     folder, inputs_path, outputs_path = sys.argv[1:4]
     try:
@@ -239,9 +240,13 @@ _REMOTE_SCRIPT = textwrap.dedent(
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     assert type(model.trunk).__name__ == "R3DModel"
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(processor).__name__ == "SCEVideoProcessor", type(processor)
+    assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+    frames = np.load(inputs_path.replace(".pt", ".npy"))
     with torch.no_grad():
         pooled = model(torch.load(inputs_path)).pooler_output
-    torch.save({"pooled": pooled}, outputs_path)
+    torch.save({"pooled": pooled, "pixel_values": processor(frames, return_tensors="pt")["pixel_values"]}, outputs_path)
     """
 )
 
@@ -257,8 +262,13 @@ def test_video_save_load__remote_code_in_a_process_without_sce_hf(tmp_path):
     model.eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
+    processor = SCEVideoProcessor(num_frames=4, size={"shortest_edge": 22}, crop_size={"height": 20, "width": 20})
+    processor.save_pretrained(folder)
+    assert "video_processing_sce.py" in os.listdir(folder)
     x = clips()
     torch.save(x, tmp_path / "inputs.pt")
+    frames = np.random.default_rng(0).integers(0, 255, (4, 30, 26, 3), dtype=np.uint8)
+    np.save(tmp_path / "inputs.npy", frames)
     script = tmp_path / "load.py"
     script.write_text(_REMOTE_SCRIPT)
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
@@ -267,8 +277,10 @@ def test_video_save_load__remote_code_in_a_process_without_sce_hf(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    outputs = torch.load(tmp_path / "outputs.pt")
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "outputs.pt")["pooled"], model(x).pooler_output, atol=1e-5, rtol=0)
+        torch.testing.assert_close(outputs["pooled"], model(x).pooler_output, atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs["pixel_values"], processor(frames, return_tensors="pt")["pixel_values"])
 
 
 def test_video_pretraining__save_and_resume_folder(tmp_path):
@@ -308,7 +320,9 @@ def test_video_processor__round_trip_and_model_input(tmp_path):
     processor = SCEVideoProcessor(num_frames=4, clip_duration=1.5, size={"shortest_edge": 22}, crop_size={"height": 20, "width": 20})
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    assert "auto_map" not in saved and saved["num_frames"] == 4  # not remote code: it needs PyAV
+    assert saved["auto_map"] == {"AutoImageProcessor": "video_processing_sce.SCEVideoProcessor"}
+    assert saved["num_frames"] == 4
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is SCEVideoProcessor  # the package's route, no remote code
     loaded = SCEVideoProcessor.from_pretrained(tmp_path)
     assert (loaded.num_frames, loaded.clip_duration, list(loaded.image_mean)) == (4, 1.5, [0.45] * 3)
     pixel_values = loaded(np.zeros((4, 24, 24, 3), dtype=np.uint8), return_tensors="pt")["pixel_values"]
