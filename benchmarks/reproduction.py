@@ -110,6 +110,24 @@ def table(rows: list[dict]) -> str:
         linear = [r["linear_probe"] for r in arm_rows]
         seconds = statistics.mean(r["train_s"] for r in arm_rows)
         lines.append(f"| {arm} | {len(arm_rows)} | {cell(knn)} | {cell(linear)} | {seconds / 60:.1f} min |")
+    return "\n".join(lines) + "\n\n" + paired_table(by_arm)
+
+
+def paired_table(by_arm: dict[str, list[dict]], reference: str = "SCE (coeff 0.5)") -> str:
+    """SCE minus each other arm, seed by seed (the arms share a seed's initialisation and augmentations, so the
+    paired difference removes most of the seed-to-seed spread), as mean ± std over the shared seeds."""
+    base = {r["seed"]: r for r in by_arm.get(reference, [])}
+    lines = [f"| {reference} minus | shared seeds | k-NN difference | linear difference |", "|---|---|---|---|"]
+    for arm, arm_rows in by_arm.items():
+        pairs = [(base[r["seed"]], r) for r in arm_rows if r["seed"] in base and arm != reference and r["epochs"]]
+        if not pairs:
+            continue
+        cells = []
+        for metric in ("knn", "linear_probe"):
+            diffs = [a[metric] - b[metric] for a, b in pairs]
+            spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+            cells.append(f"{statistics.mean(diffs):+.2f}{spread}")
+        lines.append(f"| {arm} | {len(pairs)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 

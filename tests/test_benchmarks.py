@@ -27,3 +27,20 @@ def test_input_pipeline__tiny_run(fashion_mnist_dir):
         ["--batches", "2", "--max_train_samples", "600", "--num_workers", "0", "--per_device_train_batch_size", "32"]
     )
     assert result["loader_images_per_s"] > 0 and result["model_images_per_s"] > 0
+
+
+def test_reproduction_table__mean_spread_and_paired_differences():
+    rows = [
+        {"arm": "SCE (coeff 0.5)", "seed": 0, "epochs": 4, "train_s": 300.0, "knn": 85.0, "linear_probe": 86.0},
+        {"arm": "SCE (coeff 0.5)", "seed": 1, "epochs": 4, "train_s": 320.0, "knn": 86.0, "linear_probe": 87.0},
+        {"arm": "InfoNCE (coeff 1)", "seed": 0, "epochs": 4, "train_s": 310.0, "knn": 84.0, "linear_probe": 86.5},
+        {"arm": "InfoNCE (coeff 1)", "seed": 1, "epochs": 4, "train_s": 310.0, "knn": 84.0, "linear_probe": 86.5},
+        {"arm": "random init", "seed": 0, "epochs": 0, "train_s": 0.0, "knn": 80.0, "linear_probe": 75.0},
+    ]
+    text = _load("reproduction").table(rows)
+    lines = text.splitlines()
+    assert "| SCE (coeff 0.5) | 2 | 85.50 ± 0.71 | 86.50 ± 0.71 | 5.2 min |" in lines
+    assert "| random init | 1 | 80.00 | 75.00 | 0.0 min |" in lines
+    # seed by seed: k-NN 85-84, 86-84 -> +1.50 ± 0.71; linear -0.5, +0.5 -> +0.00 ± 0.71; untrained arms left out
+    assert "| InfoNCE (coeff 1) | 2 | +1.50 ± 0.71 | +0.00 ± 0.71 |" in lines
+    assert not any(line.startswith("| random init | 1 | +") for line in lines)
