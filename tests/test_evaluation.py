@@ -154,3 +154,23 @@ def test_knn__raw_pixels_calibration_on_all_of_fashion_mnist(tmp_path, fashion_m
     (result,) = _evaluate_script().main(["knn", "--baseline", "raw_pixels", "--dataset_name", "fashion_mnist",
                                          "--eval_split", "test", "--output_dir", str(tmp_path)])
     assert abs(result["value"] - 84.6) <= 0.1
+
+
+def test_evaluate_script__any_transformers_encoder_for_comparison(tmp_path, tiny_fashion_mnist):
+    """A model that is not SCE (a plain transformers ViT with its own processor) goes through the same evaluation."""
+    from transformers import ViTConfig, ViTModel
+    from transformers.models.vit import ViTImageProcessorPil
+
+    model_dir = tmp_path / "vit"
+    config = ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+                       patch_size=4)
+    ViTModel(config).save_pretrained(model_dir)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}, do_convert_rgb=True).save_pretrained(model_dir)
+    data = ["--model_name_or_path", str(model_dir), "--dataset_name", tiny_fashion_mnist, "--eval_split", "test",
+            "--dataloader_num_workers", "0"]
+    (knn,) = _evaluate_script().main(["knn", *data, "--k", "5"])
+    retrieval = _evaluate_script().main(["retrieval", *data])
+    assert knn["model"] == str(model_dir) and knn["value"] > 25  # chance is 10%; random ViT features keep pixel similarity
+    assert [r["metric"] for r in retrieval][:2] == ["recall_at_1", "recall_at_5"]
+    saved = json.loads((model_dir / "eval_results.json").read_text())
+    assert [r["task"] for r in saved] == ["knn"] + ["retrieval"] * 6
