@@ -656,6 +656,24 @@ def test_bf16_and_channels_last(pretrain, saved_dataset, tmp_path):
     assert_exported(out, steps=2)
 
 
+def test_torch_compile_traces_the_step_and_matches_eager(pretrain, saved_dataset, tmp_path):
+    """--torch_compile goes through accelerate's dynamo plugin; aot_eager traces forward and backward (what inductor
+    compiles) without generating code, so the losses must equal the eager run's."""
+    from torch._dynamo.utils import counters
+
+    flags = ("--dataset_name", str(saved_dataset), "--max_train_steps", "2", "--mixed_precision", "no")
+    run_main(pretrain, tmp_path / "eager", *flags)
+    torch._dynamo.reset()
+    counters.clear()
+    run_main(pretrain, tmp_path / "compiled", *flags, "--torch_compile", "--torch_compile_backend", "aot_eager")
+    assert counters["stats"]["unique_graphs"] > 0 and counters["aot_autograd"]["total"] > 0  # it was compiled
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2]
+    for step in (1, 2):
+        assert compiled[step]["train/loss"] == pytest.approx(eager[step]["train/loss"], abs=1e-4)
+    assert_exported(tmp_path / "compiled", steps=2)
+
+
 def test_online_knn_final_knn_and_tensorboard(pretrain, saved_dataset, tmp_path):
     out = tmp_path / "knn"
     results = run_main(pretrain, out, "--dataset_name", str(saved_dataset), "--max_train_steps", "4",

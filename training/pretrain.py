@@ -130,7 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                      help="Overrides the launcher's setting (default: the recipe's, else bf16 on CPUs that have it).")
     opt.add_argument("--channels_last", action="store_true", help="Use the channels-last memory format.")
-    opt.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor).")
+    opt.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile.")
+    opt.add_argument("--torch_compile_backend", type=str, default="inductor",
+                     help="torch.compile backend with --torch_compile (inductor; aot_eager traces without code generation).")
     opt.add_argument("--dataloader_num_workers", type=int, default=2)
     opt.add_argument("--seed", type=int, default=42)
 
@@ -334,7 +336,7 @@ def main(argv=None) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
-        dynamo_backend="inductor" if args.torch_compile else None,
+        dynamo_backend=args.torch_compile_backend if args.torch_compile else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
     set_seed(args.seed)
@@ -407,7 +409,7 @@ def main(argv=None) -> dict:
     peak_lr = args.base_learning_rate * global_batch / 256
     optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay, args.sgd_momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
-    sce_model: SCEForPreTraining = accelerator.unwrap_model(model)
+    sce_model: SCEForPreTraining = accelerator.unwrap_model(model, keep_torch_compile=False)  # the module itself, for saving
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
 
     # ---------------------------------------------------------------- resume
