@@ -36,6 +36,7 @@ MAIN_ARMS = {
     "relational only (coeff 0)": ["--coeff", "0.0"],
     "ReSSL": ["--loss_function", "ressl"],
 }
+LEGACY_EPOCHS = 4  # the first results (2026-11-29) used folders without the epoch count
 SWEEP_ARMS = {
     "SCE coeff 0.25": ["--coeff", "0.25"],
     "SCE coeff 0.75": ["--coeff", "0.75"],
@@ -63,7 +64,9 @@ def evaluate(model_dir: str | None, baseline: bool = False) -> dict[str, float]:
 
 
 def train_arm(name: str, flags: list[str], seed: int, epochs: int, output_dir: str) -> dict:
-    folder = os.path.join(output_dir, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}")
+    slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+    # The epoch budget is part of the folder: a rerun with another --epochs never resumes a run of another length.
+    folder = os.path.join(output_dir, f"{slug}-seed{seed}" + ("" if epochs == LEGACY_EPOCHS else f"-{epochs}ep"))
     start = time.perf_counter()
     run([sys.executable, os.path.join(ROOT, "training", "pretrain.py"), "--config", RECIPE, "--output_dir", folder,
          "--num_train_epochs", str(epochs), "--seed", str(seed), "--final_knn", "false", "--checkpointing_steps", "epoch",
@@ -94,40 +97,42 @@ def random_init(seed: int, output_dir: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    by_arm: dict[str, list[dict]] = {}
+    """Mean ± std over seeds per arm and epoch budget, then the paired differences against SCE."""
+    groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
-        by_arm.setdefault(row["arm"], []).append(row)
-    lines = ["| arm | seeds | k-NN top-1 (mean ± std) | linear top-1 (mean ± std) | train time / run |",
-             "|---|---|---|---|---|"]
+        groups.setdefault((row["arm"], row["epochs"]), []).append(row)
+    lines = ["| arm | epochs | seeds | k-NN top-1 (mean ± std) | linear top-1 (mean ± std) | train time / run |",
+             "|---|---|---|---|---|---|"]
 
     def cell(values: list[float]) -> str:
         if len(values) == 1:
             return f"{values[0]:.2f}"
         return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
-    for arm, arm_rows in by_arm.items():
-        knn = [r["knn"] for r in arm_rows]
-        linear = [r["linear_probe"] for r in arm_rows]
-        seconds = statistics.mean(r["train_s"] for r in arm_rows)
-        lines.append(f"| {arm} | {len(arm_rows)} | {cell(knn)} | {cell(linear)} | {seconds / 60:.1f} min |")
-    return "\n".join(lines) + "\n\n" + paired_table(by_arm)
+    for (arm, epochs), group in groups.items():
+        knn = [r["knn"] for r in group]
+        linear = [r["linear_probe"] for r in group]
+        seconds = statistics.mean(r["train_s"] for r in group)
+        lines.append(f"| {arm} | {epochs} | {len(group)} | {cell(knn)} | {cell(linear)} | {seconds / 60:.1f} min |")
+    return "\n".join(lines) + "\n\n" + paired_table(groups)
 
 
-def paired_table(by_arm: dict[str, list[dict]], reference: str = "SCE (coeff 0.5)") -> str:
-    """SCE minus each other arm, seed by seed (the arms share a seed's initialisation and augmentations, so the
-    paired difference removes most of the seed-to-seed spread), as mean ± std over the shared seeds."""
-    base = {r["seed"]: r for r in by_arm.get(reference, [])}
-    lines = [f"| {reference} minus | shared seeds | k-NN difference | linear difference |", "|---|---|---|---|"]
-    for arm, arm_rows in by_arm.items():
-        pairs = [(base[r["seed"]], r) for r in arm_rows if r["seed"] in base and arm != reference and r["epochs"]]
-        if not pairs:
+def paired_table(groups: dict[tuple[str, int], list[dict]], reference: str = "SCE (coeff 0.5)") -> str:
+    """SCE minus each other trained arm of the same epoch budget, seed by seed (the arms share a seed's
+    initialisation and augmentations, so the paired difference removes most of the seed-to-seed spread), as
+    mean ± std over the shared seeds."""
+    lines = [f"| {reference} minus | epochs | shared seeds | k-NN difference | linear difference |", "|---|---|---|---|---|"]
+    for (arm, epochs), group in groups.items():
+        base = {r["seed"]: r for r in groups.get((reference, epochs), [])}
+        pairs = [(base[r["seed"]], r) for r in group if r["seed"] in base]
+        if arm == reference or not epochs or not pairs:
             continue
         cells = []
         for metric in ("knn", "linear_probe"):
             diffs = [a[metric] - b[metric] for a, b in pairs]
             spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
             cells.append(f"{statistics.mean(diffs):+.2f}{spread}")
-        lines.append(f"| {arm} | {len(pairs)} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {arm} | {epochs} | {len(pairs)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -148,7 +153,7 @@ def main() -> None:
     done = set()
     if os.path.exists(results_path):
         with open(results_path) as handle:
-            done = {(r["arm"], r["seed"]) for r in map(json.loads, handle)}
+            done = {(r["arm"], r["seed"], r["epochs"]) for r in map(json.loads, handle)}
 
     jobs = [(name, flags, seed) for seed in args.seeds for name, flags in MAIN_ARMS.items()]
     jobs += [("random init", None, seed) for seed in args.seeds]
@@ -156,7 +161,8 @@ def main() -> None:
     if not args.no_sweeps:
         jobs += [(name, flags, args.seeds[0]) for name, flags in SWEEP_ARMS.items()]
     for name, flags, seed in jobs:
-        if (name, seed) in done:
+        untrained = name in ("random init", "raw pixels")
+        if (name, seed, 0 if untrained else args.epochs) in done:
             continue
         if name == "random init":
             row = random_init(seed, args.output_dir)

@@ -36,11 +36,15 @@ def test_reproduction_table__mean_spread_and_paired_differences():
         {"arm": "InfoNCE (coeff 1)", "seed": 0, "epochs": 4, "train_s": 310.0, "knn": 84.0, "linear_probe": 86.5},
         {"arm": "InfoNCE (coeff 1)", "seed": 1, "epochs": 4, "train_s": 310.0, "knn": 84.0, "linear_probe": 86.5},
         {"arm": "random init", "seed": 0, "epochs": 0, "train_s": 0.0, "knn": 80.0, "linear_probe": 75.0},
+        {"arm": "InfoNCE (coeff 1)", "seed": 0, "epochs": 8, "train_s": 620.0, "knn": 90.0, "linear_probe": 90.0},
     ]
     text = _load("reproduction").table(rows)
     lines = text.splitlines()
-    assert "| SCE (coeff 0.5) | 2 | 85.50 ± 0.71 | 86.50 ± 0.71 | 5.2 min |" in lines
-    assert "| random init | 1 | 80.00 | 75.00 | 0.0 min |" in lines
-    # seed by seed: k-NN 85-84, 86-84 -> +1.50 ± 0.71; linear -0.5, +0.5 -> +0.00 ± 0.71; untrained arms left out
-    assert "| InfoNCE (coeff 1) | 2 | +1.50 ± 0.71 | +0.00 ± 0.71 |" in lines
-    assert not any(line.startswith("| random init | 1 | +") for line in lines)
+    assert "| SCE (coeff 0.5) | 4 | 2 | 85.50 ± 0.71 | 86.50 ± 0.71 | 5.2 min |" in lines
+    assert "| random init | 0 | 1 | 80.00 | 75.00 | 0.0 min |" in lines
+    assert "| InfoNCE (coeff 1) | 8 | 1 | 90.00 | 90.00 | 10.3 min |" in lines  # another budget: its own row
+    # seed by seed: k-NN 85-84, 86-84 -> +1.50 ± 0.71; linear -0.5, +0.5 -> +0.00 ± 0.71; untrained arms left out,
+    # and an arm is only paired with SCE at the same number of epochs (no SCE run at 8 epochs here)
+    assert "| InfoNCE (coeff 1) | 4 | 2 | +1.50 ± 0.71 | +0.00 ± 0.71 |" in lines
+    paired = text.split("minus")[1]
+    assert "| random init |" not in paired and "| InfoNCE (coeff 1) | 8 |" not in paired
