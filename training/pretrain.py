@@ -31,6 +31,7 @@ twice: the later line is the one the finished run went through.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import logging
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 import sce_hf
@@ -140,6 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--output_dir", type=str, required=False, default=None, help="Where everything is written.")
     run.add_argument("--checkpointing_steps", type=str, default=None, help="Save the training state every N steps, or 'epoch'.")
     run.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
+    run.add_argument("--ddp_timeout", type=int, default=1800,
+                     help="Seconds a process waits for the others (e.g. while the main one runs the k-NN); raise it "
+                          "for a final k-NN over a very large training set.")
     run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     run.add_argument("--max_bad_image_fraction", type=float, default=0.01,
                      help="Stop when more than this fraction of the images read so far could not be decoded.")
@@ -337,6 +341,7 @@ def main(argv=None) -> dict:
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dynamo_backend=args.torch_compile_backend if args.torch_compile else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
     set_seed(args.seed)
