@@ -21,6 +21,7 @@ boundary matters (SIGKILL, `accelerate launch`, loading without the package).
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -242,6 +243,10 @@ def test_help_is_clear(pretrain, capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--output_dir", "x", "--dataset_name", "x", "--streaming"])
     assert "--streaming needs --max_train_steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a recipe's warm-up in epochs means nothing for a stream
+        pretrain.main(["--output_dir", "x", "--dataset_name", "x", "--streaming", "--max_train_steps", "9",
+                       "--warmup_epochs", "10"])
+    assert "--streaming needs --num_warmup_steps" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -277,7 +282,7 @@ def test_parquet_data_files_end_to_end(pretrain, parquet_shards, tmp_path):
 
 def test_saved_dataset_end_to_end(pretrain, saved_dataset, tmp_path):
     """A `save_to_disk` folder, read whole and as a stream."""
-    for name, streaming in (("out", []), ("streamed", ["--streaming"])):
+    for name, streaming in (("out", []), ("streamed", ["--streaming", "--num_warmup_steps", "1"])):
         out = tmp_path / name
         results = run_main(pretrain, out, "--dataset_name", str(saved_dataset), "--max_train_steps", "3",
                            "--checkpointing_steps", "2", *streaming)
@@ -290,12 +295,14 @@ def test_streaming_parquet_shards_end_to_end(pretrain, parquet_shards, tmp_path)
     """A stream of 2 parquet shards read by 2 workers; 3 steps of 8 pass the end of the 16-row stream."""
     out = tmp_path / "out"
     results = run_main(pretrain, out, "--dataset_name", str(parquet_shards), "--streaming", "--max_train_steps", "3",
-                       "--checkpointing_steps", "2", "--dataloader_num_workers", "2")
+                       "--checkpointing_steps", "2", "--dataloader_num_workers", "2", "--num_warmup_steps", "2")
     assert results["completed_steps"] == 3
     state = assert_checkpoint(out, "step_2")
     assert state["completed_steps"] == 2
     log = read_log(out)
     assert log[3]["train/epoch"] == 1, "the third batch should come from the second pass over the stream"
+    peak = 0.5 * 8 / 256  # --num_warmup_steps 2: steps 1 and 2 warm up linearly, step 3 is the cosine's end
+    assert [log[step]["train/lr"] for step in (1, 2)] == pytest.approx([peak / 2, peak])
     assert_exported(out, steps=3)
     assert_loads_in_fresh_process(out, tmp_path)
 
@@ -404,7 +411,7 @@ def test_stream_resume_mid_pass_is_exact(pretrain, tmp_path, monkeypatch, worker
     shards.mkdir()
     for shard in range(2):
         _gray_dataset(20 + shard, seed=10 + shard).to_parquet(str(shards / f"train-{shard}.parquet"))
-    flags = ["--dataset_name", str(shards), "--streaming", "--max_train_steps", "6", "--checkpointing_steps", "3",
+    flags = ["--dataset_name", str(shards), "--streaming", "--num_warmup_steps", "2", "--max_train_steps", "6", "--checkpointing_steps", "3",
              "--dataloader_num_workers", str(workers)]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     state = straight_and_resumed(pretrain, monkeypatch, straight, resumed, flags, interrupt_after="step_3")
@@ -498,6 +505,11 @@ def test_nan_loss_stops_clearly_and_last_checkpoint_resumes(pretrain, saved_data
     # A resume must keep the schedule: another --max_train_steps is refused, naming it.
     with pytest.raises(SystemExit, match=r"different schedule \(max_train_steps: checkpoint 6, now 8\)"):
         run_main(pretrain, out, *flags, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
+    # So is the same global batch made another way (4 images x 2 accumulated instead of 8 x 1): the position in the
+    # epoch counts micro-batches.
+    with pytest.raises(SystemExit, match=r"micro_batch_size: checkpoint 8, now 4; gradient_accumulation_steps: checkpoint 1, now 2"):
+        run_main(pretrain, out, *flags, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                 "--resume_from_checkpoint", "latest")
 
     # The last good checkpoint is complete: the run resumes from it and finishes.
     state = assert_checkpoint(out, "step_4")
@@ -516,7 +528,7 @@ def test_nan_loss_stops_clearly_and_last_checkpoint_resumes(pretrain, saved_data
 def test_two_processes_stream_their_own_shard_and_match_one_process(pretrain, parquet_shards, tmp_path):
     """`accelerate launch` with 2 CPU processes, B=8 rows per parquet shard, one step: each rank streams its shard,
     and the mean loss equals one process on the batch [shard 0, shard 1] with batch norm split into 2 groups."""
-    flags = ["--dataset_name", str(parquet_shards), "--streaming", "--max_train_steps", "1"]
+    flags = ["--dataset_name", str(parquet_shards), "--streaming", "--num_warmup_steps", "0", "--max_train_steps", "1"]
     two = tmp_path / "two"
     command = [
         str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -546,6 +558,42 @@ def test_two_processes_stream_their_own_shard_and_match_one_process(pretrain, pa
     assert abs(read_log(control)[1]["train/loss"] - loss_one) > 1e-3
 
 
+def test_two_processes_skip_a_batch_one_of_them_cannot_read_together(tmp_path):
+    """Rank 1's first batch holds only unreadable images. Skipping it on rank 1 alone would leave rank 0 waiting in
+    the forward's all-gather for ever; both ranks must skip it and go on."""
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from sce_hf.data import EpochBatchSampler
+
+    num_rows, per_device = 16, 4
+    first_batch_of_rank_1 = {ref.index for ref in next(iter(EpochBatchSampler(num_rows, per_device, 2, 1, seed=42, epoch=0)))}
+    rng = np.random.default_rng(3)
+    images = []
+    for index in range(num_rows):
+        if index in first_batch_of_rank_1:
+            images.append({"bytes": b"\x89PNG\r\n\x1a\n not an image", "path": None})
+        else:
+            buffer = io.BytesIO()
+            _random_image(rng, 20, 20).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+    data = tmp_path / "data"
+    Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).save_to_disk(str(data))
+
+    out = tmp_path / "out"
+    command = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        *script_command(out, "--dataset_name", str(data), "--per_device_train_batch_size", str(per_device),
+                        "--max_train_steps", "2", "--max_bad_image_fraction", "0.9", "--seed", "42")[1:],
+    ]  # fmt: skip
+    done = subprocess.run(command, env=subprocess_env(ACCELERATE_USE_CPU="1"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(read_log(out)) == [1, 2]
+    assert read_log(out)[2]["train/num_bad_images"] >= per_device  # the skipped batch, and any drawn again in epoch 1
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 6. Bad input
 
@@ -561,7 +609,7 @@ def test_missing_image_column_lists_the_columns(pretrain, saved_dataset, tmp_pat
 def test_empty_dataset_is_a_clear_error(pretrain, tmp_path):
     empty = tmp_path / "empty"
     _gray_dataset(0, seed=0).save_to_disk(str(empty))
-    for streaming in ([], ["--streaming"]):
+    for streaming in ([], ["--streaming", "--num_warmup_steps", "0"]):
         with pytest.raises((ValueError, SystemExit), match="is empty: there is nothing to train on"):
             run_main(pretrain, tmp_path / "out", "--dataset_name", str(empty), "--max_train_steps", "1", *streaming)
 
@@ -569,7 +617,8 @@ def test_empty_dataset_is_a_clear_error(pretrain, tmp_path):
     empty_file = tmp_path / "empty.parquet"
     _gray_dataset(0, seed=0).to_parquet(str(empty_file))
     with pytest.raises(SystemExit, match="yielded no batch: the stream is empty or holds fewer than"):
-        run_main(pretrain, tmp_path / "out", "--dataset_name", str(empty_file), "--streaming", "--max_train_steps", "1")
+        run_main(pretrain, tmp_path / "out", "--dataset_name", str(empty_file), "--streaming", "--num_warmup_steps", "0",
+                 "--max_train_steps", "1")
 
 
 def test_batch_too_small_for_batch_norm_groups_is_a_clear_error(pretrain, saved_dataset, tmp_path):
@@ -645,6 +694,20 @@ def test_gradient_accumulation_feeds_the_queue_once_per_optimizer_step(pretrain,
     assert log[1]["train/lr"] == pytest.approx(0.5 * (8 * 2) / 256)  # base lr x global batch / 256, no warm-up
     pretraining = SCEForPreTraining.from_pretrained(out / "pretraining")
     assert pretraining.num_enqueued.item() == 32 and pretraining.queue_ptr.item() == 32
+
+
+def test_continuing_from_a_pretraining_folder_trains_in_train_mode(pretrain, saved_dataset, tmp_path):
+    """`from_pretrained` returns a model in eval mode; the run must switch it back, or batch norm would normalise with
+    (and never update) its running statistics."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_main(pretrain, first, "--dataset_name", str(saved_dataset), "--max_train_steps", "2")
+    run_main(pretrain, second, "--dataset_name", str(saved_dataset), "--max_train_steps", "1",
+             "--model_name_or_path", str(first / "pretraining"))
+    before = SCEForPreTraining.from_pretrained(first / "pretraining").state_dict()
+    after = SCEForPreTraining.from_pretrained(second / "pretraining").state_dict()
+    running = [name for name in before if name.endswith("running_mean")]
+    assert running and all(not torch.equal(before[name], after[name]) for name in running), "batch norm did not train"
+    assert_exported(second, steps=1)
 
 
 def test_bf16_and_channels_last(pretrain, saved_dataset, tmp_path):

@@ -124,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--weight_decay", type=float, default=1e-6)
     opt.add_argument("--sgd_momentum", type=float, default=0.9, help="Momentum of LARS and SGD.")
     opt.add_argument("--warmup_epochs", type=float, default=10)
+    opt.add_argument("--num_warmup_steps", type=int, default=None,
+                     help="Warm-up in optimizer steps; overrides --warmup_epochs. Streams need it (they have no epochs).")
     opt.add_argument("--num_train_epochs", type=int, default=100)
     opt.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
     opt.add_argument("--per_device_train_batch_size", type=int, default=256)
@@ -166,6 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("Give a data source: --dataset_name NAME_OR_PATH or --train_dir FOLDER.")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no known length).")
+    if args.streaming and args.num_warmup_steps is None and args.warmup_epochs > 0:
+        parser.error(f"--streaming needs --num_warmup_steps: --warmup_epochs {args.warmup_epochs:g} counts epochs, and a "
+                     "stream has none (e.g. 10 epochs of ImageNet-1k at a global batch of 4096 are 3,130 steps).")
     if args.push_to_hub and args.hub_model_id is None:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME.")
     if args.modality == "video" and args.streaming:
@@ -200,6 +205,10 @@ class TrainingState:
     max_train_steps: int = 0
     steps_per_epoch: int = 0
     global_batch_size: int = 0
+    # `batches_in_epoch` counts micro-batches of this many images (all processes), `gradient_accumulation_steps` of
+    # them per optimizer step: a resume must keep both, not only their product (0: a checkpoint older than the check).
+    micro_batch_size: int = 0
+    gradient_accumulation_steps: int = 0
     train_seconds: float = 0.0  # wall time spent training, summed over resumed runs
 
 
@@ -394,6 +403,7 @@ def main(argv=None) -> dict:
         model = SCEForPreTraining.from_pretrained(args.model_name_or_path, **model_overrides(args))
     else:
         model = SCEForPreTraining(build_config(args))
+    model.train()  # from_pretrained returns a model in eval mode: batch norm would use running statistics
     if batch_size < 2:
         raise SystemExit("error: --per_device_train_batch_size must be at least 2: batch norm needs 2 images in training.")
     for flag, groups in (("--split_batchnorm_groups", model.config.split_batchnorm_groups), ("--batchnorm_groups", args.batchnorm_groups)):
@@ -415,26 +425,31 @@ def main(argv=None) -> dict:
     optimizer = build_optimizer(model, args.optimizer, peak_lr, args.weight_decay, args.sgd_momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
     sce_model: SCEForPreTraining = accelerator.unwrap_model(model, keep_torch_compile=False)  # the module itself, for saving
-    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+    warmup_steps = args.num_warmup_steps if args.num_warmup_steps is not None else int(round(args.warmup_epochs * steps_per_epoch))
 
     # ---------------------------------------------------------------- resume
-    state = TrainingState(max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch)
+    state = TrainingState(max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch,
+                          micro_batch_size=batch_size * num_processes,
+                          gradient_accumulation_steps=args.gradient_accumulation_steps)
     resume_path = resolve_resume_path(args)
     if resume_path is not None:
         with open(os.path.join(resume_path, STATE_FILE)) as handle:
             saved = TrainingState(**json.load(handle))
         mismatched = [
             f"{name}: checkpoint {getattr(saved, name)}, now {getattr(state, name)}"
-            for name in ("max_train_steps", "steps_per_epoch", "global_batch_size")
-            if getattr(saved, name) != getattr(state, name)
+            for name in ("max_train_steps", "steps_per_epoch", "global_batch_size", "micro_batch_size",
+                         "gradient_accumulation_steps")
+            if getattr(saved, name) and getattr(saved, name) != getattr(state, name)  # 0: not recorded
         ]
         if mismatched:
             raise SystemExit(
                 f"error: cannot resume from {resume_path} with a different schedule ({'; '.join(mismatched)}). "
-                "Resume with the same epochs, batch size, processes and data, or start a new --output_dir."
+                "Resume with the same epochs, data, per-device batch x processes and accumulation, or start a new "
+                "--output_dir (another number of processes works when per-device batch x processes stays the same)."
             )
         accelerator.load_state(resume_path)
         state = saved
+        state.micro_batch_size, state.gradient_accumulation_steps = batch_size * num_processes, args.gradient_accumulation_steps
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", resume_path, state.completed_steps, state.epoch, state.batches_in_epoch)
 
     if args.with_tracking:
@@ -463,15 +478,16 @@ def main(argv=None) -> dict:
         loader = _epoch_loader(args, dataset, image_column, views, crop_on_device, state, accelerator)
         for batch in loader:
             state.batches_in_epoch += 1
-            state.num_bad_images += _sum_across(accelerator, batch["num_bad"])
-            state.num_seen_images += _sum_across(accelerator, batch["num_seen"])
+            images = batch.get("images") if batch.get("images") is not None else batch["views"]
+            num_bad, num_seen, num_empty = _sum_across(accelerator, batch["num_bad"], batch["num_seen"], images is None)
+            state.num_bad_images += num_bad
+            state.num_seen_images += num_seen
             if state.num_bad_images > args.max_bad_image_fraction * max(state.num_seen_images, 100):
                 raise SystemExit(
                     f"error: {state.num_bad_images} of {state.num_seen_images} images could not be decoded, more than "
                     f"--max_bad_image_fraction {args.max_bad_image_fraction}: check the data (the log names the bad indices)."
                 )
-            images = batch.get("images") if batch.get("images") is not None else batch["views"]
-            if images is None:
+            if num_empty:  # a batch without one readable image, on any process: every process skips it together
                 continue
             images = images.to(accelerator.device) if torch.is_tensor(images) else [v.to(accelerator.device) for v in images]
             pixel_values = augment(images, batch["sample_seeds"])
@@ -604,10 +620,12 @@ def _epoch_loader(args, dataset, image_column, views, crop_on_device, state: Tra
     )
 
 
-def _sum_across(accelerator: Accelerator, value: int) -> int:
+def _sum_across(accelerator: Accelerator, *values: int) -> list[int]:
+    """Each value summed over the processes (one all-reduce)."""
     if accelerator.num_processes == 1:
-        return int(value)
-    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item())
+        return [int(v) for v in values]
+    totals = accelerator.reduce(torch.tensor([int(v) for v in values], device=accelerator.device), reduction="sum")
+    return [int(v) for v in totals.tolist()]
 
 
 def run_knn(args, encoder, accelerator: Accelerator, max_bank: int | None) -> float | None:
