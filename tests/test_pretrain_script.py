@@ -526,9 +526,11 @@ def test_nan_loss_stops_clearly_and_last_checkpoint_resumes(pretrain, saved_data
 
 
 def test_two_processes_stream_their_own_shard_and_match_one_process(pretrain, parquet_shards, tmp_path):
-    """`accelerate launch` with 2 CPU processes, B=8 rows per parquet shard, one step: each rank streams its shard,
-    and the mean loss equals one process on the batch [shard 0, shard 1] with batch norm split into 2 groups."""
-    flags = ["--dataset_name", str(parquet_shards), "--streaming", "--num_warmup_steps", "0", "--max_train_steps", "1"]
+    """`accelerate launch` with 2 CPU processes, B=8 rows per parquet shard, two steps (two passes over the shards):
+    each rank streams its shard, and the mean losses and the exported queue equal one process on the batch
+    [shard 0, shard 1] with batch norm split into 2 groups (the processes keep their queues and teachers equal
+    without DDP re-sending the buffers)."""
+    flags = ["--dataset_name", str(parquet_shards), "--streaming", "--num_warmup_steps", "0", "--max_train_steps", "2"]
     two = tmp_path / "two"
     command = [
         str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -543,8 +545,12 @@ def test_two_processes_stream_their_own_shard_and_match_one_process(pretrain, pa
 
     one = tmp_path / "one"
     run_main(pretrain, one, *flags, "--per_device_train_batch_size", "16", "--batchnorm_groups", "2")
-    loss_two, loss_one = read_log(two)[1]["train/loss"], read_log(one)[1]["train/loss"]
-    assert loss_two == pytest.approx(loss_one, abs=1e-5), (loss_two, loss_one)
+    for step in (1, 2):
+        loss_two, loss_one = read_log(two)[step]["train/loss"], read_log(one)[step]["train/loss"]
+        assert loss_two == pytest.approx(loss_one, abs=1e-5), (step, loss_two, loss_one)
+    queue_two = SCEForPreTraining.from_pretrained(two / "pretraining").queue
+    queue_one = SCEForPreTraining.from_pretrained(one / "pretraining").queue
+    torch.testing.assert_close(queue_two, queue_one, atol=1e-5, rtol=0)
 
     # Negative control: one process on shard 0 twice (what both ranks would see without the shard split) differs.
     shard0 = tmp_path / "shard0"
