@@ -564,6 +564,28 @@ def test_two_processes_stream_their_own_shard_and_match_one_process(pretrain, pa
     assert abs(read_log(control)[1]["train/loss"] - loss_one) > 1e-3
 
 
+def test_two_processes_end_a_stream_epoch_together_when_shards_differ(tmp_path):
+    """Shard 0 holds one batch per process, shard 1 two: rank 1 must not start a second forward (an all-gather rank 0
+    never joins) while rank 0 saves the end-of-epoch checkpoint. Every epoch ends when the first shard does."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _gray_dataset(8, seed=1).to_parquet(str(shards / "train-00000-of-00002.parquet"))
+    _gray_dataset(16, seed=2).to_parquet(str(shards / "train-00001-of-00002.parquet"))
+    out = tmp_path / "out"
+    command = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        *script_command(out, "--dataset_name", str(shards), "--streaming", "--num_warmup_steps", "0", "--max_train_steps",
+                        "3", "--checkpointing_steps", "epoch")[1:],
+    ]  # fmt: skip
+    done = subprocess.run(command, env=subprocess_env(ACCELERATE_USE_CPU="1"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = read_log(out)
+    assert [log[step]["train/epoch"] for step in (1, 2, 3)] == [0, 1, 2]  # one step per epoch: rank 0's shard
+    assert assert_checkpoint(out, "epoch_2")["completed_steps"] == 2
+
+
 def test_two_processes_skip_a_batch_one_of_them_cannot_read_together(tmp_path):
     """Rank 1's first batch holds only unreadable images. Skipping it on rank 1 alone would leave rank 0 waiting in
     the forward's all-gather for ever; both ranks must skip it and go on."""

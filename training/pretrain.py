@@ -485,6 +485,8 @@ def main(argv=None) -> dict:
     while state.completed_steps < max_train_steps:
         fresh_epoch = state.batches_in_epoch == 0
         loader = _epoch_loader(args, dataset, image_column, views, crop_on_device, state, accelerator)
+        if args.streaming:
+            loader = _while_every_process_has_a_batch(loader, accelerator)
         for batch in loader:
             state.batches_in_epoch += 1
             images = batch.get("images") if batch.get("images") is not None else batch["views"]
@@ -627,6 +629,22 @@ def _epoch_loader(args, dataset, image_column, views, crop_on_device, state: Tra
         dataset_of_views, batch_sampler=sampler,
         collate_fn=collate_views, num_workers=args.dataloader_num_workers, generator=generator,
     )
+
+
+def _while_every_process_has_a_batch(loader, accelerator: Accelerator):
+    """The loader's batches for as long as every process has one. Stream shards can hold different numbers of rows:
+    the epoch ends on every process when the first one runs out, so that none is left waiting in the others'
+    all-gather (or at the end-of-epoch checkpoint) for ever."""
+    if accelerator.num_processes == 1:
+        yield from loader
+        return
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        (num_ended,) = _sum_across(accelerator, batch is None)
+        if num_ended:
+            return
+        yield batch
 
 
 def _sum_across(accelerator: Accelerator, *values: int) -> list[int]:
