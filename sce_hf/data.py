@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .augmentations import ViewRecipe, make_sample_seeds, sample_crop_box, view_generator
 
@@ -35,6 +35,7 @@ FASHION_MNIST_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_COLUMN_FALLBACKS = ("image", "img", "images", "pixel_values")
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a photo was held
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
@@ -223,7 +224,8 @@ class BadImageError(ValueError):
 
 
 def decode_image(value, max_pixels: int | None = 178_956_970) -> Image.Image:
-    """Any image value of a dataset row (PIL image, `{"bytes", "path"}`, a path, an array) as an RGB PIL image.
+    """Any image value of a dataset row (PIL image, `{"bytes", "path"}`, a path, an array) as an RGB PIL image,
+    turned upright when its EXIF orientation says so (as a browser shows a phone photo).
 
     Raises:
         BadImageError: unreadable, truncated, empty or larger than `max_pixels` (a decompression bomb).
@@ -244,6 +246,8 @@ def decode_image(value, max_pixels: int | None = 178_956_970) -> Image.Image:
         image.load()
         if image.width < 1 or image.height < 1:
             raise BadImageError("empty image")
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
     except BadImageError:
         raise

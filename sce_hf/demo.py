@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "outputs/fashion-mnist-cpu"
 DEFAULT_DATASET = "fashion_mnist"
+PNG_MODES = ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")  # the image modes PIL writes as PNG
 # flag -> the environment variable that sets its default (a Space's variables)
 ENV_DEFAULTS = {
     "model_name_or_path": "SCE_MODEL_ID",
@@ -284,6 +286,8 @@ class GalleryFiles:
         path = os.path.join(self.folder, f"{'full' if full else 'thumb'}-{int(row)}.png")
         if not os.path.exists(path):
             image = self.index.image(row)
+            if image.mode not in PNG_MODES:  # e.g. CMYK JPEGs (ImageNet has some): PNG cannot store them
+                image = image.convert("RGB")
             if not full and max(image.size) > self.max_side:
                 image = image.copy()
                 image.thumbnail((self.max_side, self.max_side))
@@ -492,11 +496,25 @@ def build_demo_from_args(args: argparse.Namespace) -> "gr.Blocks":
     )
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (containers and Spaces report the
+    host's CPUs in `os.cpu_count()`)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as handle:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def default_torch_threads(concurrency_limit: int) -> int:
     """torch threads per search so that `concurrency_limit` searches at once fill the CPUs without
     oversubscribing them: on a loaded 2-core machine, two threads per single-image forward made p95 latency
     150x worse than one (benchmarks/RESULTS.md)."""
-    return max(1, (os.cpu_count() or 1) // max(1, concurrency_limit))
+    return max(1, available_cpus() // max(1, concurrency_limit))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -505,12 +523,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     import torch
 
-    torch.set_num_threads(args.torch_threads or default_torch_threads(args.concurrency_limit))
-    logger.info("torch uses %d thread(s) per search, %d search(es) at a time", torch.get_num_threads(), args.concurrency_limit)
+    torch.set_num_threads(available_cpus())  # the embedding pass of the gallery uses every CPU
     try:
         demo = build_demo_from_args(args)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+    torch.set_num_threads(args.torch_threads or default_torch_threads(args.concurrency_limit))
+    logger.info("torch uses %d thread(s) per search, %d search(es) at a time", torch.get_num_threads(), args.concurrency_limit)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size)
 
 
@@ -522,6 +541,7 @@ __all__ = [
     "build_blocks",
     "build_demo",
     "build_demo_from_args",
+    "available_cpus",
     "default_torch_threads",
     "load_encoder",
     "load_gallery",

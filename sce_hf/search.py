@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -160,6 +160,19 @@ def l2_normalize(features: torch.Tensor | np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, as C-contiguous float32 (N, d)."""
     features = torch.as_tensor(features)
     return np.ascontiguousarray(F.normalize(features.float(), dim=-1).numpy(), dtype=np.float32)
+
+
+def _save_or_warn(save: Callable[[str], None], index_dir: str) -> bool:
+    """Run `save(index_dir)`; a full disk or a read-only cache must not throw away a finished embedding pass, so a
+    failure is a warning (the index is served from memory and rebuilt on the next start)."""
+    try:
+        save(index_dir)
+        return True
+    except (OSError, RuntimeError) as error:  # faiss raises RuntimeError for I/O errors
+        logger.warning("Could not save the gallery index to %s (%s: %s): serving it from memory; it will be rebuilt on "
+                       "the next start. Point --index (SCE_INDEX) at a writable folder to keep it.",
+                       index_dir, type(error).__name__, error)
+        return False
 
 
 class GalleryIndex:
@@ -322,11 +335,17 @@ class GalleryIndex:
                 "Reusing the gallery embeddings in %s (same model and gallery)%s", index_dir,
                 "" if has_faiss else f"; building its {index_type} index",
             )
-            index = cls(dataset, embeddings, faiss_index_file=faiss_file if has_faiss else None, **common)
+            try:
+                index = cls(dataset, embeddings, faiss_index_file=faiss_file if has_faiss else None, **common)
+                if index.faiss_index.ntotal != len(dataset) or index.faiss_index.d != embeddings.shape[1]:
+                    raise RuntimeError(f"it holds {index.faiss_index.ntotal} vectors of {index.faiss_index.d} dimensions")
+            except RuntimeError as error:  # a damaged faiss file: rebuild the index from the saved embeddings
+                logger.warning("Could not use %s (%s); rebuilding the %s index.", faiss_file, error, index_type)
+                index, has_faiss = cls(dataset, embeddings, **common), False
             index.reused = True
             index.index_dir = index_dir
             if save and not has_faiss:
-                index._save_faiss(index_dir)
+                _save_or_warn(index._save_faiss, index_dir)
             return index
 
         logger.info("Embedding %d gallery images (%s)", len(dataset), reason)
@@ -339,8 +358,8 @@ class GalleryIndex:
         index = cls(dataset, embeddings, **common)
         index.build_seconds = build_seconds
         index.index_dir = index_dir
-        if save:
-            index.save(index_dir)
+        if save and not _save_or_warn(index.save, index_dir):
+            index.index_dir = None
         return index
 
     def save(self, index_dir: str) -> None:

@@ -199,6 +199,41 @@ def _info(demo) -> str:
     return next(b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and b.elem_id == "info")
 
 
+def test_gallery_files__cmyk_and_exif_rotated_gallery_images(tmp_path):
+    """ImageNet holds CMYK JPEGs, which PNG cannot store; phone photos carry an EXIF rotation."""
+    import io
+
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from sce_hf.demo import GalleryFiles
+    from sce_hf.search import GalleryIndex
+
+    rng = np.random.default_rng(0)
+    encoded = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert("CMYK").save(buffer, format="JPEG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    gallery = Dataset.from_dict({"image": encoded}, features=Features({"image": ImageFeature()}))
+    assert gallery[0]["image"].mode == "CMYK"
+    index = GalleryIndex.build(tiny_model(), tiny_processor(), gallery, index_dir=str(tmp_path / "index"), progress=False)
+    files = GalleryFiles(index, folder=str(tmp_path / "files"))
+    for row in range(4):
+        with Image.open(files.path(row)) as thumbnail:
+            assert thumbnail.mode == "RGB" and thumbnail.size == (30, 20)
+
+    # A photo held sideways (EXIF orientation 6): searched upright, as the browser shows it.
+    upright = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    upright.rotate(90, expand=True).save(buffer, format="JPEG", exif=exif)  # stored as the camera wrote it
+    from sce_hf.data import decode_image
+
+    assert decode_image(buffer.getvalue()).size == (30, 20)
+
+
 def test_startup__a_missing_column_is_a_clear_error_before_anything_starts(assets, monkeypatch):
     import gradio as gr
 

@@ -175,6 +175,30 @@ def test_cache__an_interrupted_save_is_rebuilt(model, gallery, tmp_path):
     assert not GalleryIndex.build(model, tiny_processor(), gallery, index_dir=folder, progress=False).reused
 
 
+def test_cache__a_damaged_faiss_file_is_rebuilt_from_the_saved_embeddings(model, gallery, tmp_path, monkeypatch, caplog):
+    import sce_hf.search
+
+    folder = str(tmp_path)
+    GalleryIndex.build(model, tiny_processor(), gallery, index_dir=folder, progress=False)
+    with open(os.path.join(folder, "faiss-flat.index"), "wb") as handle:
+        handle.write(b"not a faiss index")
+    monkeypatch.setattr(sce_hf.search, "extract_features", lambda *a, **k: pytest.fail("re-embedded the gallery"))
+    with caplog.at_level("WARNING"):
+        index = GalleryIndex.build(model, tiny_processor(), gallery, index_dir=folder, progress=False)
+    assert "rebuilding the flat index" in caplog.text
+    assert index.reused and index.query(gallery[4]["image"], k=1)[0].index == 4
+    assert GalleryIndex.build(model, tiny_processor(), gallery, index_dir=folder, progress=False).reused  # saved again
+
+
+def test_cache__a_save_that_fails_keeps_the_built_index(model, gallery, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the index folder should go")
+    with caplog.at_level("WARNING"):
+        index = GalleryIndex.build(model, tiny_processor(), gallery, index_dir=str(blocker / "index"), progress=False)
+    assert "Could not save the gallery index" in caplog.text and index.index_dir is None
+    assert index.query(gallery[2]["image"], k=1)[0].index == 2
+
+
 def test_cache__default_folder_is_keyed_by_model_and_gallery(model, gallery, monkeypatch, tmp_path):
     monkeypatch.setenv("SCE_HF_CACHE", str(tmp_path))
     a = GalleryIndex.build(model, tiny_processor(), gallery, progress=False)
