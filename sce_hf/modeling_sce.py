@@ -101,7 +101,10 @@ class SCEModel(SCEPreTrainedModel):
     pretraining folder (heads, teacher, queue) with this class keeps the student encoder and drops the rest.
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"^teacher_", r"^projector\.", r"^predictor\.", r"^queue", r"^num_enqueued"]
+    # what a pretraining or classification folder adds around the encoder
+    _keys_to_ignore_on_load_unexpected = [
+        r"^teacher_", r"^projector\.", r"^predictor\.", r"^queue", r"^num_enqueued", r"^classifier\.",
+    ]
 
     def __init__(self, config: SCEConfig):
         super().__init__(config)
@@ -187,8 +190,8 @@ class SCEModel(SCEPreTrainedModel):
 class SCEForImageClassification(SCEPreTrainedModel):
     """An SCE encoder with a linear head, for linear probes and the image-classification pipeline.
 
-    With `config.freeze_encoder` the encoder runs without gradient and stays in eval mode (batch-norm statistics
-    frozen), as a linear probe requires.
+    With `config.freeze_encoder` the encoder's parameters do not require gradients (so DDP and optimizers see only
+    the head) and it stays in eval mode (batch-norm statistics frozen), as a linear probe requires.
     """
 
     def __init__(self, config: SCEConfig):
@@ -198,6 +201,8 @@ class SCEForImageClassification(SCEPreTrainedModel):
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.feature_dim, config.num_labels)
         self.post_init()
+        if config.freeze_encoder:
+            self.sce.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "SCEForImageClassification":
         super().train(mode)

@@ -167,11 +167,24 @@ def test_classification__frozen_encoder_trains_only_the_head():
     config = tiny_config(freeze_encoder=True, num_labels=5)
     model = SCEForImageClassification(config).train()
     assert not model.sce.training and model.classifier.training
+    # only the head is trainable: DDP (which expects a gradient for every trainable parameter) and optimizers see it
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight", "classifier.bias"}
     outputs = model(torch.randn(4, 3, 16, 16), labels=torch.tensor([0, 1, 2, 4]))
     assert outputs.logits.shape == (4, 5)
     outputs.loss.backward()
     assert model.classifier.weight.grad is not None
     assert all(p.grad is None for p in model.sce.parameters())
+
+
+def test_classification__folder_loads_as_the_bare_encoder_without_unexpected_keys(tmp_path):
+    classifier = SCEForImageClassification(tiny_config(num_labels=3)).eval()
+    classifier.save_pretrained(tmp_path)
+    encoder, info = SCEModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(x).pooler_output, classifier.sce(x).pooler_output)
 
 
 def test_classification__unfrozen_encoder_gets_gradients():
