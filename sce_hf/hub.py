@@ -129,6 +129,10 @@ def read_eval_results(model_dir: str) -> list[dict]:
     required = {"task", "dataset", "metric", "value"}
     if not isinstance(results, list) or not all(isinstance(r, dict) and required <= set(r) for r in results):
         raise ValueError(f"{path} must be a JSON list of objects with the keys {sorted(required)}; fix or delete it.")
+    for result in results:
+        if isinstance(result["value"], bool) or not isinstance(result["value"], (int, float)):
+            raise ValueError(f"{path}: the value of {result['task']} {result['metric']} must be a number, got "
+                             f"{result['value']!r}; fix or delete the entry.")
     return results
 
 

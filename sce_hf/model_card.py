@@ -58,7 +58,9 @@ TASKS = {
     "finetune": ("image-classification", "Fine-tuning"),
     "retrieval": ("image-feature-extraction", "Retrieval"),
 }
-TASK_NAMES = {"image-classification": "Image Classification", "image-feature-extraction": "Image Retrieval"}
+TASK_NAMES = {"image-classification": "Image Classification", "image-feature-extraction": "Image Retrieval",
+              "video-classification": "Video Classification", "feature-extraction": "Video Retrieval"}
+VIDEO_TASK_TYPES = {"image-classification": "video-classification", "image-feature-extraction": "feature-extraction"}
 SCE_SETTINGS = (
     "coeff", "student_temperature", "teacher_temperature", "queue_size", "in_batch_keys", "exact_self_exclusion",
     "initial_momentum", "final_momentum", "momentum_schedule", "symmetric", "num_global_views",
@@ -88,23 +90,39 @@ def _metric_type(metric: str) -> str:
     return metric
 
 
-def eval_result_to_card(entry: Mapping[str, Any]):
+def dataset_identity(dataset: str) -> tuple[str, str]:
+    """`(model-index dataset type, display name)` of a recorded dataset: a Hub id where one is known, else the
+    name as given; a local folder or file is shown by its last path component (a card never publishes a local
+    path)."""
+    if dataset in KNOWN_DATASETS:
+        hub_id, display = KNOWN_DATASETS[dataset]
+        return hub_id or dataset, display
+    if _looks_like_hub_id(dataset) or not any(sep in dataset for sep in ("/", os.sep)):
+        return dataset, dataset
+    name = os.path.basename(os.path.normpath(dataset)) or "data"
+    return name, f"local data ({name})"
+
+
+def eval_result_to_card(entry: Mapping[str, Any], modality: str = "image"):
     """One `eval_results.json` entry as a `huggingface_hub.EvalResult` (a `model-index` metric).
 
-    The task type is `image-classification` for k-NN, linear probes and fine-tuning, `image-feature-extraction`
-    for retrieval; the metric name says the protocol ("k-NN top-1 accuracy"), its args hold the settings.
+    The task type is `image-classification` (`video-classification` for video encoders) for k-NN, linear probes
+    and fine-tuning, `image-feature-extraction` (`feature-extraction`) for retrieval; the metric name says the
+    protocol ("k-NN top-1 accuracy"), its args hold the settings.
     """
     from huggingface_hub import EvalResult
 
     task = str(entry["task"])
     task_type, task_label = TASKS.get(task, ("image-feature-extraction", task.replace("_", " ")))
-    dataset = str(entry["dataset"])
+    if modality == "video":
+        task_type = VIDEO_TASK_TYPES[task_type]
+    dataset_type, dataset_name = dataset_identity(str(entry["dataset"]))
     settings = entry.get("settings") or None
     return EvalResult(
         task_type=task_type,
         task_name=TASK_NAMES.get(task_type, task_type),
-        dataset_type=dataset,
-        dataset_name=KNOWN_DATASETS.get(dataset, (dataset, dataset))[1],
+        dataset_type=dataset_type,
+        dataset_name=dataset_name,
         dataset_split=entry.get("split"),
         metric_type=_metric_type(str(entry["metric"])),
         metric_name=f"{task_label} {_metric_label(str(entry['metric']))}",
@@ -238,7 +256,7 @@ def _recipe_summary(args: Mapping[str, Any]) -> list[tuple[str, str]]:
     data = args.get("dataset_name") or args.get("train_dir")
     if data:
         config_name = args.get("dataset_config_name")
-        add("Data", f"`{data}`" + (f" (config `{config_name}`)" if config_name else "")
+        add("Data", f"`{_without_local_path(data)}`" + (f" (config `{config_name}`)" if config_name else "")
             + (f", split `{args['train_split']}`" if args.get("train_split") else "")
             + (f", first {args['max_train_samples']} images" if args.get("max_train_samples") else ""))
     add("Preset", args.get("preset"))
@@ -296,9 +314,19 @@ def _limitations(config: Mapping[str, Any], crop: int | None, dataset: str | Non
     return lines
 
 
+def _without_local_path(value: Any) -> Any:
+    """An absolute local path as `…/last-component` (the card is public; the folders of the machine are not)."""
+    if isinstance(value, str) and os.path.isabs(value) and not _looks_like_hub_id(value):
+        return f"…/{os.path.basename(os.path.normpath(value))}"
+    return value
+
+
 def _dataset_label(dataset: str | None, display: str | None) -> str:
     if not dataset:
         return "not recorded"
+    hub_or_name, _ = dataset_identity(dataset)
+    if hub_or_name != dataset and dataset not in KNOWN_DATASETS:  # a local folder: its name only
+        return display or hub_or_name
     return f"{display} (`{dataset}`)" if display and display != dataset else f"`{dataset}`"
 
 
@@ -306,7 +334,9 @@ def _demo_dataset(dataset: str | None, hub_dataset: str | None) -> str:
     """A dataset for the demo and evaluation commands: the training one, unless it is ImageNet-sized."""
     if not dataset or hub_dataset == "ILSVRC/imagenet-1k":
         return "DATASET"
-    return hub_dataset if hub_dataset and _looks_like_hub_id(hub_dataset) else dataset
+    if hub_dataset and _looks_like_hub_id(hub_dataset):
+        return hub_dataset
+    return dataset if dataset_identity(dataset)[0] == dataset else "DATASET"  # never a local path
 
 
 def _card_inputs(model_dir: str, repo_id: str | None) -> tuple[Any, dict[str, Any]]:
@@ -370,7 +400,7 @@ def _card_inputs(model_dir: str, repo_id: str | None) -> tuple[Any, dict[str, An
         metrics=metrics,
         base_model=base_model,
         model_name=model_name if results else None,
-        eval_results=[eval_result_to_card(r) for r in results] or None,
+        eval_results=[eval_result_to_card(r, modality) for r in results] or None,
         **license_fields,
     )
 
@@ -384,7 +414,7 @@ def _card_inputs(model_dir: str, repo_id: str | None) -> tuple[Any, dict[str, An
     rows = [
         dict(
             task=TASKS.get(str(r["task"]), ("", str(r["task"])))[1],
-            dataset=_cell(KNOWN_DATASETS.get(str(r["dataset"]), (r["dataset"], r["dataset"]))[1]),
+            dataset=_cell(dataset_identity(str(r["dataset"]))[1]),
             split=_cell(r.get("split") or ""),
             metric=_metric_label(str(r["metric"])),
             value=_cell(r["value"]),
@@ -420,9 +450,9 @@ def _card_inputs(model_dir: str, repo_id: str | None) -> tuple[Any, dict[str, An
         demo_dataset=_demo_dataset(dataset, hub_dataset),
         sce_hf_version=version,
         results=rows,
-        recipe_config=(training_args or {}).get("config"),
+        recipe_config=_without_local_path((training_args or {}).get("config")),
         recipe_summary=_recipe_summary(training_args or {}),
-        training_args=[(k, _cell(v)) for k, v in sorted((training_args or {}).items())],
+        training_args=[(k, _cell(_without_local_path(v))) for k, v in sorted((training_args or {}).items())],
         sce_settings=[(k, _cell(config[k])) for k in SCE_SETTINGS if k in config],
         conversion=conversion,
         conversion_rows=conversion_rows,
@@ -494,6 +524,7 @@ def refresh_model_card(model_dir: str, create: bool) -> None:
 __all__ = [
     "CARD_MARKER",
     "DEFAULT_TEMPLATE",
+    "dataset_identity",
     "eval_result_to_card",
     "is_generated_card",
     "refresh_model_card",

@@ -87,6 +87,9 @@ def test_eval_results__keeps_earlier_entries_and_rejects_malformed(tmp_path):
     (tmp_path / "eval_results.json").write_text('{"not": "a list"}')
     with pytest.raises(ValueError, match="eval_results.json must be a JSON list"):
         read_eval_results(tmp_path)
+    (tmp_path / "eval_results.json").write_text(json.dumps([dict(first, value=None)]))  # the Hub rejects null metrics
+    with pytest.raises(ValueError, match="must be a number, got None"):
+        read_eval_results(tmp_path)
     (tmp_path / "eval_results.json").write_text("[{broken")
     with pytest.raises(ValueError, match="not valid JSON"):
         add_eval_result(tmp_path, first)

@@ -59,6 +59,7 @@ TASK_TYPES = {"knn": "image-classification", "linear_probe": "image-classificati
 METRIC_NAMES = {("knn", "top1_accuracy"): "k-NN top-1 accuracy", ("linear_probe", "top1_accuracy"): "Linear probe top-1 accuracy",
                 ("linear_probe", "top5_accuracy"): "Linear probe top-5 accuracy", ("retrieval", "recall_at_1"): "Retrieval recall@1"}
 METRIC_TYPES = {"top1_accuracy": "accuracy", "top5_accuracy": "accuracy", "recall_at_1": "recall"}
+DATASET_TYPES = {"fashion_mnist": "zalando-datasets/fashion_mnist", "uoft-cs/cifar10": "uoft-cs/cifar10"}  # Hub ids
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
@@ -94,7 +95,7 @@ def test_card__model_index_equals_eval_results(training_output):
         for r in card.data.eval_results
     )
     expected = sorted(
-        (TASK_TYPES[e["task"]], e["dataset"], e["split"], METRIC_TYPES[e["metric"]], METRIC_NAMES[(e["task"], e["metric"])],
+        (TASK_TYPES[e["task"]], DATASET_TYPES[e["dataset"]], e["split"], METRIC_TYPES[e["metric"]], METRIC_NAMES[(e["task"], e["metric"])],
          e["value"], json.dumps(e["settings"], sort_keys=True))
         for e in entries
     )
@@ -124,6 +125,30 @@ def test_card__metadata_recipe_usage_limitations_citations(training_output):
                      "python demo/app.py --model_name_or_path ORG/NAME", "## Limitations",
                      "arxiv.org/abs/2111.14585", "2212.11187", "WACV", "Machine Vision and Applications"):
         assert fragment in text, fragment
+
+
+def test_card__local_data_paths_are_not_published(tmp_path):
+    out = tmp_path / "run"
+    private = "/home/someone/private-data/shoes"
+    args = {**TRAINING_ARGS, "dataset_name": None, "train_dir": private, "output_dir": "/home/someone/runs/shoes"}
+    export_pretrained(SCEForPreTraining(tiny_config()), SCEImageProcessor.from_preset("cifar10"), str(out), args)
+    add_eval_result(str(out), {"task": "knn", "dataset": private, "split": "test", "metric": "top1_accuracy", "value": 61.5})
+    card = ModelCard.load(out / "README.md")
+    assert "/home/someone" not in str(card), "a local path reached the public card"
+    (result,) = card.data.eval_results
+    assert (result.dataset_type, result.dataset_name) == ("shoes", "local data (shoes)")
+    assert "…/shoes" in card.text and "local data (shoes)" in card.text
+
+
+def test_card__video_results_are_video_tasks(tmp_path):
+    from tests.test_video_model import tiny_video_config
+
+    out = tmp_path / "video"
+    export_pretrained(SCEModel(tiny_video_config()), None, str(out), {**TRAINING_ARGS, "dataset_name": "ucf101"})
+    add_eval_result(str(out), {"task": "linear_probe", "dataset": "ucf101", "split": "test", "metric": "top1_accuracy", "value": 50.0})
+    add_eval_result(str(out), {"task": "retrieval", "dataset": "ucf101", "split": "test", "metric": "recall_at_1", "value": 40.0})
+    types = {r.metric_name: r.task_type for r in ModelCard.load(out / "README.md").data.eval_results}
+    assert types == {"Linear probe top-1 accuracy": "video-classification", "Retrieval recall@1": "feature-extraction"}
 
 
 def test_card__without_results_says_so(training_output):

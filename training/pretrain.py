@@ -462,7 +462,8 @@ def main(argv=None) -> dict:
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", resume_path, state.completed_steps, state.epoch, state.batches_in_epoch)
 
     if args.with_tracking:
-        accelerator.init_trackers("sce_pretraining", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        accelerator.init_trackers("sce_pretraining", tracked)
     logger.info("***** SCE pretraining *****")
     logger.info("  Images: %s | per device batch %d | processes %d | accumulation %d | global batch %d",
                 "stream" if args.streaming else len(dataset), batch_size, num_processes, args.gradient_accumulation_steps, global_batch)
