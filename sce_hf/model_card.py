@@ -304,8 +304,10 @@ def _limitations(config: Mapping[str, Any], crop: int | None, dataset: str | Non
             "not transfer to natural photographs."
         )
     if origin == "converted":
+        reference = ("a pytorchvideo-named R3D's" if config.get("backbone_config", {}).get("model_type") == VIDEO_MODEL_TYPE
+                     else "a torchvision ResNet's")
         lines.append(
-            "Converted weights: the conversion is tested to reproduce a torchvision ResNet's pooled features to 1e-5; "
+            f"Converted weights: the conversion is tested to reproduce {reference} pooled features to 1e-5; "
             "this card's evaluation section only lists what was measured on this export."
         )
     if config.get("backbone_config", {}).get("model_type") == "resnet":

@@ -308,6 +308,7 @@ def test_resnet18_small_lightning__script_writes_a_loadable_folder(cifar_lightni
     assert card.data.license == "other" and card.data.license_name == "cecill-2.1"
     assert card.data.datasets == ["uoft-cs/cifar10"] and "converted-checkpoint" in card.data.tags
     assert record["source_sha256"] in card.text and "No evaluation results yet" in card.text
+    assert "torchvision ResNet" in card.text and "pytorchvideo" not in card.text
 
 
 def test_resnet18_small_trunk_only(tmp_path):
@@ -393,3 +394,4 @@ def test_script_hands_video_checkpoints_to_the_video_converter(tmp_path):
     assert "video" in card.data.tags and card.data.pipeline_tag is None
     assert "an SCEVideoProcessor" in card.text and "AutoImageProcessor.from_pretrained" in card.text
     assert 'pipeline("image-feature-extraction"' not in card.text
+    assert "pytorchvideo" in card.text and "torchvision" not in card.text and "ImageNet" not in card.text

@@ -123,7 +123,8 @@ def test_card__metadata_recipe_usage_limitations_citations(training_output):
                      'pipeline("image-feature-extraction", model="ORG/NAME", trust_remote_code=True, pool=True)',
                      "AutoModelForImageClassification", "freeze_encoder=True",
                      "python demo/app.py --model_name_or_path ORG/NAME", "## Limitations",
-                     "arxiv.org/abs/2111.14585", "2212.11187", "WACV", "Machine Vision and Applications"):
+                     "arxiv.org/abs/2111.14585", "2212.11187", "WACV", "Machine Vision and Applications",
+                     "transformers (version 5 or later)"):
         assert fragment in text, fragment
 
 
