@@ -286,6 +286,9 @@ def push_to_hub(
             raise PushError(f"cannot push to {hub_model_id}: {NO_TOKEN}")
         api = HfApi(token=token)
     try:
+        if "/" not in hub_model_id:  # NAME in the token's namespace: the card's snippets need the full id
+            hub_model_id = f"{api.whoami()['name']}/{hub_model_id}"
+            uploads, card_text = prepare_push(model_dir, hub_model_id, include_pretraining, template_path)
         operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=source) for path, source in uploads]
         api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model")
         if revision not in (None, "main"):
@@ -293,6 +296,8 @@ def push_to_hub(
         info = api.create_commit(
             hub_model_id, operations=operations, commit_message=commit_message, revision=revision, repo_type="model"
         )
+    except PushError:
+        raise
     except Exception as error:  # noqa: BLE001 - every failure becomes one line for the user
         raise _push_error(error, hub_model_id) from error
     if card_text is not None:

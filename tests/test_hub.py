@@ -190,6 +190,10 @@ class RecordingApi:
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
 
+    def whoami(self):
+        self.calls.append(("whoami", "", {}))
+        return {"name": "someone"}
+
     def create_commit(self, repo_id, operations, **kwargs):
         self.calls.append(("create_commit", repo_id, {**kwargs, "operations": list(operations)}))
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
@@ -206,6 +210,15 @@ def expected_upload(folder: Path) -> set[str]:
     code = {f for f in os.listdir(folder) if f.endswith(".py")}
     assert {"configuration_sce.py", "modeling_sce.py", "image_processing_sce.py"} <= code
     return EXPECTED_DATA | code
+
+
+def test_push__a_bare_name_goes_to_the_token_namespace_and_the_card_says_so(training_output):
+    api = RecordingApi()
+    push_to_hub(str(training_output), "sce-tiny", api=api)
+    assert [c[1] for c in api.call("create_repo")] == ["someone/sce-tiny"]
+    (commit,) = api.call("create_commit")
+    (readme,) = [op.path_or_fileobj for op in commit[2]["operations"] if op.path_in_repo == "README.md"]
+    assert b'from_pretrained("someone/sce-tiny"' in readme and b'"sce-tiny"' not in readme
 
 
 def test_push__creates_the_repo_and_uploads_exactly_the_allowlist(training_output):
