@@ -16,20 +16,16 @@ Accepted files: Lightning checkpoints of their training code (`state_dict` with 
 `state_dict`). The architecture (basic or bottleneck blocks, depths, widths, stem and temporal kernels) is read from
 the weights; strides cannot be, and are the slow-only design of SCE_SPEC §2.1 (spatial 1, 2, 2, 2; no temporal).
 
-Integration: `training/convert_official_checkpoint.py` (the image converter) can dispatch with
-`is_video_checkpoint(state)` and call `convert_official_video_checkpoint`; until then this module is its own CLI:
+The command line is the image converter's, which recognises video checkpoints (`is_video_checkpoint`):
 
-    python -m sce_hf.conversion_video --checkpoint r3d18.ckpt --output outputs/sce-r3d18 [--include_pretraining]
+    python training/convert_official_checkpoint.py --checkpoint r3d18.ckpt --output outputs/sce-r3d18 [--include_pretraining]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -156,6 +152,9 @@ def build_video_config(checkpoint: OfficialCheckpoint, preset: str | None = None
         preset = inferred
     elif preset not in ("r3d18", "r3d50"):
         raise CheckpointError(f"{source} holds a video (R3D) trunk: pass --preset r3d18 or r3d50, not {preset!r}.")
+    elif preset != inferred:
+        raise CheckpointError(f"{source} holds an {inferred.upper()} trunk ({architecture['layer_type']} blocks), "
+                              f"not {preset}: pass --preset {inferred} or leave --preset out.")
     overrides: dict[str, Any] = {}
     if checkpoint.has_heads:
         overrides.update(infer_head_config(checkpoint.projector, checkpoint.predictor, source))
@@ -202,13 +201,23 @@ def convert_official_video_checkpoint(
                 continue
             state.update({f"{name}.{k}": v for k, v in map_head_state_dict(part, getattr(pretraining, name), name).items()})
         if checkpoint.queue is not None:
-            state["queue"] = checkpoint.queue.detach().t().contiguous().float()  # (d, K) -> one key per row
-            state["queue_ptr"] = torch.tensor(int(checkpoint.queue_ptr.reshape(-1)[0]) if checkpoint.queue_ptr is not None else 0)
+            queue = checkpoint.queue.detach()
+            pointer = int(checkpoint.queue_ptr.reshape(-1)[0]) if checkpoint.queue_ptr is not None else 0
+            if queue.ndim != 2 or queue.shape[0] != config.projector_output_size or not 0 <= pointer < queue.shape[1]:
+                raise CheckpointError(
+                    f"{source}: the queue has shape {tuple(queue.shape)} and pointer {pointer}; expected "
+                    f"({config.projector_output_size}, K) keys of the projector's size and a pointer in [0, K)."
+                )
+            state["queue"] = queue.t().contiguous().float()  # (d, K) -> one key per row
+            state["queue_ptr"] = torch.tensor(pointer)
             state["num_enqueued"] = torch.tensor(config.queue_size)
         else:
             state.update(queue=pretraining.queue.clone(), queue_ptr=pretraining.queue_ptr.clone(),
                          num_enqueued=pretraining.num_enqueued.clone())
-        pretraining.load_state_dict(state, strict=True)
+        try:
+            pretraining.load_state_dict(state, strict=True)
+        except RuntimeError as error:  # shapes the heads' inference did not catch
+            raise CheckpointError(f"{source}: the pretraining state does not fit {preset}: {str(error).splitlines()[-1].strip()}") from None
         pretraining.teacher_encoder.requires_grad_(False)
         pretraining.teacher_projector.requires_grad_(False)
 
@@ -227,48 +236,11 @@ def convert_official_video_checkpoint(
     return ConversionResult(model=model, pretraining=pretraining, preset=preset, processor_preset="kinetics", info=info)
 
 
-def main(argv=None) -> int:
-    """CLI: convert an authors' R3D checkpoint into an export folder (encoder, SCEVideoProcessor, conversion.json)."""
-    parser = argparse.ArgumentParser(description="Convert the SCE authors' R3D-18/R3D-50 checkpoints into an SCEModel folder.")
-    parser.add_argument("--checkpoint", required=True, help="A Lightning .ckpt of their training code or a trunk-only file.")
-    parser.add_argument("--output", required=True, help="The folder to write.")
-    parser.add_argument("--preset", choices=["r3d18", "r3d50"], default=None, help="Default: read from the trunk.")
-    parser.add_argument("--num_frames", type=int, default=8, help="Frames per clip the model was trained with (8 or 16).")
-    parser.add_argument("--include_pretraining", action="store_true", help="Also write pretraining/ (heads, teacher, queue).")
-    parser.add_argument("--allow_unsafe_unpickling", action="store_true",
-                        help="Load files torch.load(weights_only=True) refuses; runs code from the file: trusted files only.")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-
-    from . import __version__
-    from .hub import CONVERSION_FILE, export_pretrained
-    from .video_processing_sce import SCEVideoProcessor
-
-    try:
-        result = convert_official_video_checkpoint(args.checkpoint, args.preset, args.include_pretraining, args.allow_unsafe_unpickling)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, CONVERSION_FILE), "w") as handle:
-        json.dump({**result.info, "sce_hf_version": __version__, "processor_preset": "kinetics"}, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    export_pretrained(result.model, SCEVideoProcessor(num_frames=args.num_frames), args.output, save_pretraining=False)
-    if result.pretraining is not None:
-        result.pretraining.save_pretrained(os.path.join(args.output, "pretraining"))
-    print(f"Converted {args.checkpoint} ({result.info['source_format']}, {result.preset}) to {os.path.abspath(args.output)}")
-    return 0
-
-
 __all__ = [
     "build_video_config",
     "convert_official_video_checkpoint",
     "convert_video_trunk_state_dict",
     "infer_r3d_architecture",
     "is_video_checkpoint",
-    "main",
     "pytorchvideo_to_sce_key",
 ]
-
-if __name__ == "__main__":
-    sys.exit(main())

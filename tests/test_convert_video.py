@@ -11,12 +11,8 @@ from transformers import AutoModel
 
 from sce_hf import SCEConfig, SCEModel
 from sce_hf.conversion import CheckpointError
-from sce_hf.conversion_video import (
-    convert_official_video_checkpoint,
-    infer_r3d_architecture,
-    is_video_checkpoint,
-    main as convert_main,
-)
+from sce_hf.conversion_video import convert_official_video_checkpoint, infer_r3d_architecture, is_video_checkpoint
+from tests.tiny import load_script
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,12 +215,25 @@ def test_convert__unknown_and_missing_keys_are_listed(tmp_path):
     assert not is_video_checkpoint({"conv1.weight": torch.zeros(64, 3, 7, 7)})
 
 
+def test_convert__wrong_preset_and_a_damaged_queue_are_clear_errors(tmp_path):
+    path, _, _, state = _lightning_file(tmp_path, "basic")
+    with pytest.raises(CheckpointError, match=r"holds an R3D18 trunk \(basic blocks\), not r3d50: pass --preset r3d18"):
+        convert_official_video_checkpoint(str(path), preset="r3d50")
+    for name, queue, pointer in (("width", torch.randn(7, 36), 0), ("pointer", torch.randn(10, 36), 36)):
+        damaged = {**state, "queue": queue, "queue_ptr": torch.tensor([pointer])}
+        with pytest.raises(CheckpointError, match=r"the queue has shape .* expected \(10, K\)"):
+            convert_official_video_checkpoint({"state_dict": damaged}, include_pretraining=True)
+
+
 def test_convert__cli_writes_a_loadable_export(tmp_path):
     path, trunk, _, _ = _lightning_file(tmp_path, "basic")
     output = tmp_path / "export"
-    assert convert_main(["--checkpoint", str(path), "--output", str(output), "--include_pretraining"]) == 0
+    convert = load_script("training/convert_official_checkpoint.py").main
+    assert convert(["--checkpoint", str(path), "--output", str(output), "--include_pretraining",
+                    "--pretraining_dataset", "kinetics200"]) == 0
     assert {"config.json", "model.safetensors", "modeling_resnet3d.py", "preprocessor_config.json", "conversion.json"} <= set(os.listdir(output))
-    assert json.loads((output / "conversion.json").read_text())["preset"] == "r3d18"
+    record = json.loads((output / "conversion.json").read_text())
+    assert record["preset"] == "r3d18" and record["pretraining_dataset"] == "kinetics200"
     model = AutoModel.from_pretrained(output).eval()
     clips = torch.randn(1, 3, 3, 32, 32)
     with torch.no_grad():

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--processor_preset", choices=["imagenet", "cifar10", "fashion-mnist"], default=None,
                         help="Evaluation preprocessing to export (default: imagenet for 7x7 stems, cifar10 for "
                         "small inputs).")
+    parser.add_argument("--pretraining_dataset", type=str, default=None,
+                        help="What the checkpoint was pretrained on, for its card (default: the preset's, e.g. "
+                        "imagenet-1k, cifar10, kinetics400).")
     parser.add_argument("--include_pretraining", action="store_true",
                         help="Also write pretraining/ (projector, predictor, momentum teacher, queue) from a "
                         "Lightning checkpoint.")
@@ -77,6 +80,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     result.info.update(source_file=os.path.basename(args.checkpoint), source_sha256=sha256_of(args.checkpoint))
+    if args.pretraining_dataset:
+        result.info["pretraining_dataset"] = args.pretraining_dataset
     os.makedirs(args.output, exist_ok=True)
     # The provenance record first, so the card written by the export describes the conversion.
     processor_preset = args.processor_preset or result.processor_preset
