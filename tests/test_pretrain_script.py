@@ -97,6 +97,18 @@ def script_command(output_dir, *flags: str) -> list[str]:
     return [PYTHON, str(SCRIPT), *TINY, "--output_dir", str(output_dir), *flags]
 
 
+def launch_two_processes(output_dir, *flags: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the script on 2 CPU processes (gloo); fails the test with the log's tail on an error."""
+    command = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script_command(output_dir, *flags)[1:],
+    ]  # fmt: skip
+    done = subprocess.run(command, env=subprocess_env(ACCELERATE_USE_CPU="1"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
 def subprocess_env(**extra: str) -> dict:
     """This session's environment (offline Hub, temporary HF_HOME) for a child, single-threaded on 2 shared cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
@@ -532,13 +544,7 @@ def test_two_processes_stream_their_own_shard_and_match_one_process(pretrain, pa
     without DDP re-sending the buffers)."""
     flags = ["--dataset_name", str(parquet_shards), "--streaming", "--num_warmup_steps", "0", "--max_train_steps", "2"]
     two = tmp_path / "two"
-    command = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script_command(two, *flags)[1:],
-    ]  # fmt: skip
-    done = subprocess.run(command, env=subprocess_env(ACCELERATE_USE_CPU="1"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = launch_two_processes(two, *flags)
     args = json.loads((two / "training_args.json").read_text())
     assert args["num_processes"] == 2 and args["global_batch_size"] == 16
     assert "processes 2" in done.stderr and "global batch 16" in done.stderr
@@ -572,15 +578,8 @@ def test_two_processes_end_a_stream_epoch_together_when_shards_differ(tmp_path):
     _gray_dataset(8, seed=1).to_parquet(str(shards / "train-00000-of-00002.parquet"))
     _gray_dataset(16, seed=2).to_parquet(str(shards / "train-00001-of-00002.parquet"))
     out = tmp_path / "out"
-    command = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        *script_command(out, "--dataset_name", str(shards), "--streaming", "--num_warmup_steps", "0", "--max_train_steps",
-                        "3", "--checkpointing_steps", "epoch")[1:],
-    ]  # fmt: skip
-    done = subprocess.run(command, env=subprocess_env(ACCELERATE_USE_CPU="1"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_two_processes(out, "--dataset_name", str(shards), "--streaming", "--num_warmup_steps", "0", "--max_train_steps",
+                         "3", "--checkpointing_steps", "epoch")
     log = read_log(out)
     assert [log[step]["train/epoch"] for step in (1, 2, 3)] == [0, 1, 2]  # one step per epoch: rank 0's shard
     assert assert_checkpoint(out, "epoch_2")["completed_steps"] == 2
@@ -609,15 +608,8 @@ def test_two_processes_skip_a_batch_one_of_them_cannot_read_together(tmp_path):
     Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).save_to_disk(str(data))
 
     out = tmp_path / "out"
-    command = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        *script_command(out, "--dataset_name", str(data), "--per_device_train_batch_size", str(per_device),
-                        "--max_train_steps", "2", "--max_bad_image_fraction", "0.9", "--seed", "42")[1:],
-    ]  # fmt: skip
-    done = subprocess.run(command, env=subprocess_env(ACCELERATE_USE_CPU="1"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_two_processes(out, "--dataset_name", str(data), "--per_device_train_batch_size", str(per_device),
+                         "--max_train_steps", "2", "--max_bad_image_fraction", "0.9", "--seed", "42")
     assert sorted(read_log(out)) == [1, 2]
     assert read_log(out)[2]["train/num_bad_images"] >= per_device  # the skipped batch, and any drawn again in epoch 1
 
