@@ -11,6 +11,7 @@ next to a randomly initialised encoder of the same architecture and raw pixels. 
 by weighted k-NN (k=20, T=0.07) and a linear probe on cached features, on the 10,000 test images.
 
     python benchmarks/reproduction.py --epochs 4 --seeds 0 1 2 --output_dir outputs/reproduction
+    python benchmarks/reproduction.py --epochs 8 --seeds 0 --arms "SCE (coeff 0.5)" "InfoNCE (coeff 1)"  # a longer budget
     python benchmarks/reproduction.py --table outputs/reproduction/results.jsonl     # the Markdown table only
 
 Results are appended to `output_dir/results.jsonl` (a finished arm is skipped when the script is run again, so
@@ -142,6 +143,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no_sweeps", action="store_true")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                        help=f"Only these arms (of {list(MAIN_ARMS) + list(SWEEP_ARMS)}, 'random init', 'raw pixels').")
     parser.add_argument("--table", type=str, default=None, help="Only print the table of this results.jsonl.")
     args = parser.parse_args()
     if args.table:
@@ -160,6 +163,11 @@ def main() -> None:
     jobs += [("raw pixels", None, 0)]
     if not args.no_sweeps:
         jobs += [(name, flags, args.seeds[0]) for name, flags in SWEEP_ARMS.items()]
+    if args.arms:
+        unknown = set(args.arms) - {name for name, _, _ in jobs}
+        if unknown:
+            parser.error(f"unknown arm(s) {sorted(unknown)}; choose from {sorted({name for name, _, _ in jobs})}.")
+        jobs = [job for job in jobs if job[0] in args.arms]
     for name, flags, seed in jobs:
         untrained = name in ("random init", "raw pixels")
         if (name, seed, 0 if untrained else args.epochs) in done:
