@@ -20,6 +20,8 @@ from .data import decode_image, without_image_decoding
 
 logger = logging.getLogger(__name__)
 
+BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm1d's default, for the cached-feature probe's standardisation
+
 
 class _ProcessedImages(torch.utils.data.Dataset):
     def __init__(self, dataset, image_column: str, transform: Callable):
@@ -69,12 +71,30 @@ def extract_features(
     features = []
     try:
         for pixel_values in tqdm(loader, desc=description, disable=not progress, leave=False):
-            output = model(pixel_values=pixel_values.to(device))
-            pooled = output.pooler_output if hasattr(output, "pooler_output") else output[1]
-            features.append(pooled.flatten(1).float().cpu())
+            features.append(pooled_features(model(pixel_values=pixel_values.to(device)), model).cpu())
     finally:
         model.train(was_training)
     return torch.cat(features)
+
+
+def pooled_features(output, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """The `(B, d)` float32 features of a model output: its `pooler_output` (flattened: a ResNet's is
+    `(B, d, 1, 1)`).
+
+    Raises:
+        ValueError: when the output has no pooled representation (e.g. a ViT saved without its pooling layer).
+    """
+    if isinstance(output, (tuple, list)):  # return_dict=False: (last_hidden_state, pooler_output, ...)
+        pooled = output[1] if len(output) > 1 else None
+    else:
+        pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        name = type(model).__name__ if model is not None else "the model"
+        raise ValueError(
+            f"{name} returns no `pooler_output`: evaluation needs one vector per image. Load the model with its "
+            "pooling layer (e.g. `add_pooling_layer=True` for ViT) or use an encoder that pools."
+        )
+    return pooled.flatten(1).float()
 
 
 def knn_predict(
@@ -116,7 +136,7 @@ def knn_predict(
     for start in range(0, query_features.shape[0], chunk_size):
         queries = F.normalize(query_features[start : start + chunk_size].float(), dim=1)
         similarity, neighbours = (queries @ bank.T).topk(k, dim=1)  # (q, k)
-        votes = torch.zeros(queries.shape[0], num_classes)
+        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
         votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp())
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)
@@ -190,9 +210,10 @@ def linear_probe_on_features(
 ) -> dict[str, float]:
     r"""The fast linear probe: a linear layer trained on cached features of the frozen encoder.
 
-    Features are standardised with the training set's mean and std (a batch norm without affine parameters,
-    frozen); the layer is trained with SGD (momentum 0.9, `weight_decay`, lr = `learning_rate` × batch / 256)
-    and a cosine schedule, with the cross-entropy loss (SCE_SPEC §6, without augmentation).
+    Features are standardised with the training set's mean and variance as a frozen batch norm without affine
+    parameters does, :math:`(x - \mu) / \sqrt{\sigma^2 + 10^{-5}}` (a near-constant feature is not blown up); the
+    layer is trained with SGD (momentum 0.9, `weight_decay`, lr = `learning_rate` × batch / 256) and a cosine
+    schedule, with the cross-entropy loss (SCE_SPEC §6, without augmentation).
 
     Args:
         train_features (`torch.Tensor` of shape `(N, d)`), train_labels (`(N,)`),
@@ -204,7 +225,8 @@ def linear_probe_on_features(
         `dict` with `top1` and `top5` (in [0, 1]) on the test features and the final training loss.
     """
     generator = torch.Generator().manual_seed(seed)
-    mean, std = train_features.mean(dim=0), train_features.std(dim=0).clamp_min(1e-6)
+    mean = train_features.mean(dim=0)
+    std = (train_features.var(dim=0, unbiased=False) + BATCH_NORM_EPS).sqrt()
     train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     head = torch.nn.Linear(train_x.shape[1], num_classes)
@@ -270,27 +292,34 @@ def linear_probe_with_augmentation(
     augment = SCEAugmentation([view])
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     head = torch.nn.Linear(test_features.shape[1], num_classes).to(device)
+    torch.nn.init.zeros_(head.weight)  # as the cached-feature probe: the result does not depend on an initial draw
+    torch.nn.init.zeros_(head.bias)
     lr = learning_rate * batch_size / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps_per_epoch = len(train_dataset) // batch_size
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     dataset = ViewsDataset(train_dataset, image_column, [view], seed, crop_on_device=False)
     labels = train_labels.long()
+    was_training = encoder.training
     encoder.eval()
-    for epoch in tqdm(range(epochs), desc="linear probe (augmented)", disable=not progress, leave=False):
-        sampler = EpochBatchSampler(len(train_dataset), batch_size, 1, 0, seed, epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views, num_workers=num_workers)
-        for batch in loader:
-            if batch.get("views") is None:
-                continue
-            (pixel_values,) = augment([batch["views"][0].to(device)], batch["sample_seeds"])
-            with torch.no_grad():
-                features = encoder(pixel_values=pixel_values).pooler_output.flatten(1).float()
-            loss = F.cross_entropy(head(features), labels[batch["indices"]].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    try:
+        for epoch in tqdm(range(epochs), desc="linear probe (augmented)", disable=not progress, leave=False):
+            sampler = EpochBatchSampler(len(train_dataset), batch_size, 1, 0, seed, epoch)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views,
+                                                 num_workers=num_workers)
+            for batch in loader:
+                if batch.get("views") is None:
+                    continue
+                (pixel_values,) = augment([batch["views"][0].to(device)], batch["sample_seeds"])
+                with torch.no_grad():
+                    features = pooled_features(encoder(pixel_values=pixel_values), encoder)
+                loss = F.cross_entropy(head(features), labels[batch["indices"]].to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+    finally:
+        encoder.train(was_training)
     with torch.no_grad():
         logits = head(test_features.to(device).float()).cpu()
     top5 = logits.topk(min(5, num_classes), dim=1).indices
@@ -319,6 +348,7 @@ __all__ = [
     "knn_predict",
     "linear_probe_on_features",
     "linear_probe_with_augmentation",
+    "pooled_features",
     "processor_transform",
     "raw_pixel_features",
     "retrieval_recall_at_k",

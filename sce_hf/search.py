@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import decode_image
-from .evaluation import extract_features, processor_transform
+from .evaluation import extract_features, pooled_features, processor_transform
 
 
 logger = logging.getLogger(__name__)
@@ -445,9 +445,7 @@ class GalleryIndex:
         """L2-normalised embeddings of PIL images, float32 `(len(images), feature_dim)`."""
         device = next(self.model.parameters()).device
         pixel_values = self.processor(list(images), return_tensors="pt")["pixel_values"].to(device)
-        output = self.model(pixel_values=pixel_values)
-        pooled = output.pooler_output if hasattr(output, "pooler_output") else output[1]
-        return l2_normalize(pooled.flatten(1).float().cpu())
+        return l2_normalize(pooled_features(self.model(pixel_values=pixel_values), self.model).cpu())
 
     def search(self, embedding: np.ndarray, k: int = 10) -> list[SearchHit]:
         """The `k` gallery rows most similar to one L2-normalised embedding `(feature_dim,)`, best first."""

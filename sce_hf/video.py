@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .augmentations import KINETICS_MEAN, KINETICS_STD, ViewRecipe, make_sample_seeds, mix_seed, sample_crop_box, view_generator
 from .data import SampleRef
+from .evaluation import pooled_features
 from .video_decoding import DEFAULT_FRAME_RATE, BadVideoError, natural_sort_key, open_video, write_video, yuv420p_to_rgb
 from .video_processing_sce import SCEVideoProcessor
 
@@ -408,8 +409,7 @@ def extract_clip_features(
             views = torch.cat(pending)
             sizes = [p.shape[0] for p in pending]
             pending.clear()
-            output = model(pixel_values=views.to(device))
-            pooled = (output.pooler_output if hasattr(output, "pooler_output") else output[1]).flatten(1).float().cpu()
+            pooled = pooled_features(model(pixel_values=views.to(device)), model).cpu()
             per_video.extend(pooled.split(sizes))
 
     try:

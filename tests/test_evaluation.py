@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from sce_hf import SCEImageProcessor, SCEModel
-from sce_hf.evaluation import knn_accuracy, knn_predict, linear_probe_on_features, retrieval_recall_at_k
+from sce_hf.evaluation import (
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+    linear_probe_on_features,
+    processor_transform,
+    retrieval_recall_at_k,
+)
 from sce_hf.hub import add_eval_result, read_eval_results
 from tests.tiny import load_script, tiny_config
 
@@ -61,6 +68,32 @@ def test_linear_probe__learns_a_separable_problem():
     shuffled = y[torch.randperm(600, generator=generator)]
     chance = linear_probe_on_features(x[:400], shuffled[:400], x[400:], shuffled[400:], epochs=50, batch_size=64, learning_rate=2.0, progress=False)
     assert chance["top1"] < 0.5
+
+
+def test_linear_probe__near_constant_features_are_not_blown_up():
+    """400 dimensions of noise at std 1e-5 next to 2 informative ones (a collapsed encoder's near-dead channels):
+    standardised as a batch norm does (eps 1e-5 on the variance) they stay negligible; divided by their own std
+    they would weigh as much as the signal and the probe would fit the noise."""
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.randn(600, 2, generator=generator)
+    signal = signal[signal[:, 0].abs() > 0.2][:400]
+    y = (signal[:, 0] > 0).long()
+    x = torch.cat([signal, 1e-5 * torch.randn(len(signal), 400, generator=generator)], dim=1)
+    scores = linear_probe_on_features(x[:100], y[:100], x[100:], y[100:], epochs=100, batch_size=50, learning_rate=1.0,
+                                      progress=False)
+    assert scores["top1"] > 0.95
+
+
+def test_features__a_model_without_pooled_output_is_a_clear_error(tiny_fashion_mnist):
+    from datasets import load_from_disk
+    from transformers import ViTConfig, ViTModel
+
+    model = ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               image_size=16, patch_size=4), add_pooling_layer=False)
+    processor = SCEImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    dataset = load_from_disk(tiny_fashion_mnist)["test"].select(range(4))
+    with pytest.raises(ValueError, match=r"ViTModel returns no `pooler_output`.*add_pooling_layer=True"):
+        extract_features(model, dataset, processor_transform(processor), progress=False)
 
 
 def test_retrieval__recall_at_k_on_a_hand_built_case():

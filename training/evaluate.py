@@ -39,6 +39,7 @@ from sce_hf.evaluation import (
     knn_accuracy,
     linear_probe_on_features,
     linear_probe_with_augmentation,
+    pooled_features,
     processor_transform,
     raw_pixel_features,
     retrieval_recall_at_k,
@@ -212,7 +213,7 @@ def video_training_features(args, model, dataset, labels: torch.Tensor, settings
                 continue
             (pixel_values,) = augment([batch["views"][0].to(device)], batch["sample_seeds"])
             with torch.no_grad():
-                features.append(model(pixel_values=pixel_values).pooler_output.flatten(1).float().cpu())
+                features.append(pooled_features(model(pixel_values=pixel_values), model).cpu())
             feature_labels.append(labels[batch["indices"]])
     return torch.cat(features), torch.cat(feature_labels)
 
