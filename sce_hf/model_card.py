@@ -90,6 +90,12 @@ def _metric_type(metric: str) -> str:
     return metric
 
 
+def _is_local_path(dataset: str) -> bool:
+    """Whether a recorded dataset is a folder or file of the training machine (not a name or a Hub id)."""
+    return (dataset not in KNOWN_DATASETS and not _looks_like_hub_id(dataset)
+            and any(sep in dataset for sep in ("/", os.sep)))
+
+
 def dataset_identity(dataset: str) -> tuple[str, str]:
     """`(model-index dataset type, display name)` of a recorded dataset: a Hub id where one is known, else the
     name as given; a local folder or file is shown by its last path component (a card never publishes a local
@@ -97,7 +103,7 @@ def dataset_identity(dataset: str) -> tuple[str, str]:
     if dataset in KNOWN_DATASETS:
         hub_id, display = KNOWN_DATASETS[dataset]
         return hub_id or dataset, display
-    if _looks_like_hub_id(dataset) or not any(sep in dataset for sep in ("/", os.sep)):
+    if not _is_local_path(dataset):
         return dataset, dataset
     name = os.path.basename(os.path.normpath(dataset)) or "data"
     return name, f"local data ({name})"
@@ -326,9 +332,8 @@ def _without_local_path(value: Any) -> Any:
 def _dataset_label(dataset: str | None, display: str | None) -> str:
     if not dataset:
         return "not recorded"
-    hub_or_name, _ = dataset_identity(dataset)
-    if hub_or_name != dataset and dataset not in KNOWN_DATASETS:  # a local folder: its name only
-        return display or hub_or_name
+    if _is_local_path(dataset):  # its name only
+        return display
     return f"{display} (`{dataset}`)" if display and display != dataset else f"`{dataset}`"
 
 
@@ -338,7 +343,7 @@ def _demo_dataset(dataset: str | None, hub_dataset: str | None) -> str:
         return "DATASET"
     if hub_dataset and _looks_like_hub_id(hub_dataset):
         return hub_dataset
-    return dataset if dataset_identity(dataset)[0] == dataset else "DATASET"  # never a local path
+    return "DATASET" if _is_local_path(dataset) else dataset
 
 
 def _card_inputs(model_dir: str, repo_id: str | None) -> tuple[Any, dict[str, Any]]:
@@ -369,9 +374,7 @@ def _card_inputs(model_dir: str, repo_id: str | None) -> tuple[Any, dict[str, An
         dataset = training_args.get("dataset_name") or training_args.get("train_dir")
     elif conversion:
         dataset = conversion.get("pretraining_dataset")
-    hub_dataset, dataset_display = KNOWN_DATASETS.get(dataset, (dataset, dataset)) if dataset else (None, None)
-    if dataset and dataset not in KNOWN_DATASETS and not _looks_like_hub_id(dataset):  # a local folder or file
-        dataset_display = f"local data ({os.path.basename(os.path.normpath(dataset))})"
+    hub_dataset, dataset_display = dataset_identity(dataset) if dataset else (None, None)
     datasets = [hub_dataset] if hub_dataset and _looks_like_hub_id(hub_dataset) else None
 
     base_model = None
