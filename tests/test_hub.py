@@ -31,7 +31,7 @@ from sce_hf.hub import (
     upload_allowlist,
 )
 from sce_hf.model_card import CARD_MARKER
-from tests.tiny import load_script, tiny_config
+from tests.tiny import load_script, run_without_sce_hf, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 http = importlib.import_module(HTTPError.__module__.split(".")[0])  # the HTTP client huggingface_hub uses (httpx2 or httpx)
@@ -324,8 +324,6 @@ def test_push_script__offline_real_client_fails_with_one_line(training_output):
 
 _LOAD_BY_ID = textwrap.dedent(
     """
-    import sys
-    sys.modules["sce_hf"] = None  # the package must not be importable: remote code only
     import os
     import torch
     from PIL import Image
@@ -334,11 +332,6 @@ _LOAD_BY_ID = textwrap.dedent(
 
     repo_id, snapshot, inputs_path, image_path, outputs_path = sys.argv[1:6]
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    try:
-        import sce_hf  # noqa: F401
-        raise SystemExit("sce_hf should not be importable here")
-    except ImportError:
-        pass
     resolved = hf_hub_download(repo_id, "config.json")  # the hand-laid cache resolves
     assert os.path.samefile(os.path.dirname(resolved), snapshot), (resolved, snapshot)
     model = AutoModel.from_pretrained(repo_id, trust_remote_code=True).eval()
@@ -372,14 +365,8 @@ def test_load_by_hub_id_from_a_hand_laid_cache(tmp_path):
     torch.save(x, tmp_path / "inputs.pt")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 36, 3), dtype=np.uint8))
     image.save(tmp_path / "image.png")
-    (tmp_path / "load.py").write_text(_LOAD_BY_ID)
-    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "load.py"), "org/sce-tiny", str(snapshot), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "image.png"), str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_sce_hf(_LOAD_BY_ID, "org/sce-tiny", snapshot, tmp_path / "inputs.pt", tmp_path / "image.png",
+                       tmp_path / "outputs.pt", cwd=tmp_path, env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     outputs = torch.load(tmp_path / "outputs.pt")
     with torch.no_grad():
         torch.testing.assert_close(outputs["pooled"], model(x).pooler_output, atol=1e-5, rtol=0)

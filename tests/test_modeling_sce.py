@@ -4,8 +4,6 @@ import inspect
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -16,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 
 from sce_hf import SCEConfig, SCEForImageClassification, SCEForPreTraining, SCEImageProcessor, SCEModel
 from sce_hf.pretraining import build_predictor, build_projector
-from tests.tiny import TINY_BACKBONES, tiny_config
+from tests.tiny import TINY_BACKBONES, run_without_sce_hf, tiny_config
 
 BACKBONES = sorted(TINY_BACKBONES)
 
@@ -216,18 +214,11 @@ def test_save_load__registered_route(backbone, tmp_path):
 
 _REMOTE_SCRIPT = textwrap.dedent(
     """
-    import sys
-    sys.modules["sce_hf"] = None  # this process must not be able to import the package
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel, pipeline
 
     folder, inputs_path, outputs_path = sys.argv[1:4]
-    try:
-        import sce_hf  # noqa: F401
-        raise SystemExit("sce_hf should not be importable here")
-    except ImportError:
-        pass
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -248,14 +239,7 @@ def test_save_load__remote_code_in_a_process_without_sce_hf(backbone, tmp_path):
     _save_model_and_processor(model, folder)
     x = torch.randn(2, 3, 16, 16)
     torch.save(x, tmp_path / "inputs.pt")
-    script = tmp_path / "load.py"
-    script.write_text(_REMOTE_SCRIPT)
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_sce_hf(_REMOTE_SCRIPT, folder, tmp_path / "inputs.pt", tmp_path / "outputs.pt", cwd=tmp_path)
     outputs = torch.load(tmp_path / "outputs.pt")
     with torch.no_grad():
         torch.testing.assert_close(outputs["pooled"], model(x).pooler_output, atol=1e-5, rtol=0)

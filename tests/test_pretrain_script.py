@@ -40,6 +40,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sce_hf import SCEForPreTraining, SCEModel
+from tests.tiny import run_without_sce_hf
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,8 +143,6 @@ def assert_exported(output_dir, steps: int) -> None:
 
 
 FRESH_PROCESS_LOADER = r"""
-import sys
-sys.modules["sce_hf"] = None  # `import sce_hf` fails here: the folder's own remote code must do the work
 import numpy as np, torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
@@ -162,11 +161,8 @@ torch.save({"module": type(model).__module__, "pixel_values": pixel_values, "poo
 def assert_loads_in_fresh_process(output_dir, tmp_path) -> None:
     """`AutoModel` + `AutoImageProcessor` with remote code in a process where `sce_hf` cannot be imported; its
     embedding equals the package's."""
-    script, result = tmp_path / "load_export.py", tmp_path / "fresh.pt"
-    script.write_text(FRESH_PROCESS_LOADER)
-    done = subprocess.run([PYTHON, str(script), str(output_dir), str(result)], env=subprocess_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    result = tmp_path / "fresh.pt"
+    run_without_sce_hf(FRESH_PROCESS_LOADER, output_dir, result, cwd=tmp_path, env=subprocess_env(), timeout=120)
     loaded = torch.load(result)
     assert not loaded["module"].startswith("sce_hf"), loaded["module"]
     assert loaded["pixel_values"].shape == (1, 3, 16, 16)

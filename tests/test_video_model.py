@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -18,6 +16,7 @@ from sce_hf.modeling_resnet3d import R3DConfig, R3DModel, to_conv3d_layout
 from sce_hf.modeling_sce import build_trunk
 from sce_hf.pretraining import build_predictor, build_projector
 from sce_hf.video import SCEVideoProcessor
+from tests.tiny import run_without_sce_hf
 
 TINY_R3D = dict(model_type="r3d", hidden_sizes=[8, 12, 16, 20], embedding_size=6, depths=[1, 2, 1, 1])
 TINY_HEADS = dict(projector_hidden_size=24, projector_output_size=10, predictor_hidden_size=28, queue_size=36)
@@ -223,18 +222,11 @@ def test_video_save_load__registered_route(tmp_path):
 
 _REMOTE_SCRIPT = textwrap.dedent(
     """
-    import sys
-    sys.modules["sce_hf"] = None  # this process must not be able to import the package
     import numpy as np
     import torch
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     folder, inputs_path, outputs_path = sys.argv[1:4]
-    try:
-        import sce_hf  # noqa: F401
-        raise SystemExit("sce_hf should not be importable here")
-    except ImportError:
-        pass
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert config.is_video and type(config.backbone_config).__name__ == "R3DConfig", config.backbone_config
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
@@ -269,14 +261,7 @@ def test_video_save_load__remote_code_in_a_process_without_sce_hf(tmp_path):
     torch.save(x, tmp_path / "inputs.pt")
     frames = np.random.default_rng(0).integers(0, 255, (4, 30, 26, 3), dtype=np.uint8)
     np.save(tmp_path / "inputs.npy", frames)
-    script = tmp_path / "load.py"
-    script.write_text(_REMOTE_SCRIPT)
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_sce_hf(_REMOTE_SCRIPT, folder, tmp_path / "inputs.pt", tmp_path / "outputs.pt", cwd=tmp_path)
     outputs = torch.load(tmp_path / "outputs.pt")
     with torch.no_grad():
         torch.testing.assert_close(outputs["pooled"], model(x).pooler_output, atol=1e-5, rtol=0)

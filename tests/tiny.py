@@ -45,3 +45,31 @@ def load_script(relative_path: str):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+_WITHOUT_SCE_HF = """import sys
+sys.modules["sce_hf"] = None  # this process cannot import the package: the folder's remote code must do the work
+try:
+    import sce_hf  # noqa: F401
+    raise SystemExit("sce_hf should not be importable here")
+except ImportError:
+    pass
+"""
+
+
+def run_without_sce_hf(body: str, *args, cwd, env: dict | None = None, timeout: int = 300) -> None:
+    """Run the Python source `body` (its `sys.argv[1:]` are `args`) in a fresh interpreter that cannot import
+    sce_hf, from `cwd`, with an empty `PYTHONPATH` and `HF_HOME` under `cwd` unless `env` overrides them; fails the
+    test with the child's stderr."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = Path(cwd) / "without_sce_hf.py"
+    script.write_text(_WITHOUT_SCE_HF + textwrap.dedent(body))
+    child_env = {**os.environ, "HF_HOME": str(Path(cwd) / "hf_home"), "PYTHONPATH": "", **(env or {})}
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=child_env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
